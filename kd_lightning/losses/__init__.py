@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from kd_lightning.losses.base import Divergence
+from kd_lightning.losses.base import Divergence, hellinger
 from kd_lightning.losses.csd import ConcreteScore
 from kd_lightning.losses.distances import AlphaBeta, TotalVariation
 from kd_lightning.losses.kl import AdaptiveKL, ForwardKL, JensenShannon, ReverseKL, SkewKL, SkewReverseKL
@@ -55,4 +55,5 @@ __all__ = [
     "TotalVariation",
     "available",
     "get",
+    "hellinger",
 ]

@@ -125,3 +125,17 @@ class Divergence(nn.Module):
     def hparams(self) -> dict:
         """The parameters that define this divergence (what ``losses.get`` takes)."""
         return {}
+
+
+@torch.no_grad()
+def hellinger(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Hellinger distance per token at τ = 1, without gradient (a token's difficulty):
+
+    ``s = ‖√p − √q‖₂ / √2 = √(1 − Σ √(p q))``, between 0 (p = q) and 1 (disjoint supports).
+    """
+    check_vocabularies(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_q = tempered_log_probs(student_logits, 1.0, dtype)
+    log_p = tempered_log_probs(teacher_logits, 1.0, dtype)
+    bhattacharyya = torch.exp(0.5 * (log_p + log_q)).sum(-1)
+    return (1 - bhattacharyya).clamp_min(0).sqrt()

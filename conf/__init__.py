@@ -1,0 +1,1 @@
+"""Hydra configs of kd_lightning (conf/ in the source tree), importable as kd_lightning.conf."""

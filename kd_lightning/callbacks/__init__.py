@@ -1,0 +1,13 @@
+"""Lightning callbacks: token selection and temperature policies (SPEC §3)."""
+
+from kd_lightning.callbacks.selection import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, TokenPolicy
+from kd_lightning.callbacks.temperature import SCHEDULES, TemperatureSchedule, scheduled_temperature
+
+__all__ = [
+    "SCHEDULES",
+    "InverseDifficultyTemperature",
+    "LossAdaptiveTokenFocusing",
+    "TemperatureSchedule",
+    "TokenPolicy",
+    "scheduled_temperature",
+]

@@ -1,0 +1,291 @@
+"""The LightningModule that distils a frozen teacher into a trainable student."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import get_scheduler
+
+from kd_lightning import losses
+from kd_lightning.losses.base import check_temperature
+from kd_lightning.models import body_and_head
+
+ModelOrFactory = nn.Module | Callable[..., nn.Module]
+
+
+@dataclass
+class TokenBatch:
+    """What a token policy sees and edits: the counted tokens of one training batch.
+
+    Policies (``DistillationModule.token_policies``) run in order before the loss; each
+    may narrow ``keep`` and set a per-token ``temperature``. The module then computes
+    the divergence on the kept tokens only, at their temperatures.
+    """
+
+    student_logits: Tensor  # [N, V], detached: policies never backpropagate
+    teacher_logits: Tensor  # [N, V]
+    temperature: Tensor  # [N] float32, the base τ to start with
+    keep: Tensor  # [N] bool, all True to start with
+    step: int  # the trainer's global step
+    _difficulty: Tensor | None = field(default=None, repr=False)
+
+    def difficulty(self) -> Tensor:
+        """Hellinger distance between p and q at τ = 1 per token (SPEC §3), no gradient;
+        computed once, on first use."""
+        if self._difficulty is None:
+            self._difficulty = losses.hellinger(self.student_logits, self.teacher_logits)
+        return self._difficulty
+
+
+def _drop_teacher_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """The frozen teacher is rebuilt from its source, never saved with the student."""
+    for key in [key for key in state_dict if key.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_teacher(module: nn.Module, incompatible_keys) -> None:
+    """Loading a checkpoint leaves the live teacher as it is: its keys are not missing."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not (key.startswith("teacher.") or ".teacher." in key)]
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen ``teacher`` into a trainable ``student`` (SPEC §1).
+
+    The per-token loss is ``ℓ_i = τ_i² · D_i(p, q)`` (``scale_by_tau_sq``) and the batch
+    loss is the mean of ℓ over the response tokens that count (labels ≠ −100, kept by
+    the token policies), over the whole global batch. With ``ce_weight = w`` the loss is
+    ``(1 − w) · KD + w · CE``.
+
+    Args:
+        student, teacher: Hugging Face causal LMs, or callables that build them (called
+            in ``configure_model``, so strategies like FSDP can shard them; a student
+            factory with a ``teacher`` parameter gets the built teacher).
+        divergence: a name from ``losses.available()`` (parameters in
+            ``divergence_kwargs``) or a ``losses.Divergence``.
+        temperature: τ > 0; token policies may set one per token.
+        vocab_size: the tokenizer's size; logits are cut to it, which aligns models whose
+            embeddings are padded differently (e.g. 151,936 vs 152,064).
+        optimizer: a callable taking the student's parameters (default AdamW, lr 1e-4).
+        lr_scheduler: a ``transformers.get_scheduler`` name (``cosine``, ``linear``,
+            ``constant_with_warmup``, …) stepped every optimizer step, with
+            ``warmup_ratio`` of the run spent warming up.
+
+    The teacher is frozen, kept in eval mode and run under ``torch.no_grad``; the
+    optimizer sees only the student; ``state_dict`` and checkpoints hold no teacher weights.
+    """
+
+    def __init__(
+        self,
+        student: ModelOrFactory,
+        teacher: ModelOrFactory,
+        divergence: str | losses.Divergence = "fkl",
+        divergence_kwargs: dict | None = None,
+        temperature: float = 1.0,
+        ce_weight: float = 0.0,
+        scale_by_tau_sq: bool = True,
+        vocab_size: int | None = None,
+        optimizer: Callable | None = None,
+        lr_scheduler: str = "cosine",
+        warmup_ratio: float = 0.05,
+    ):
+        super().__init__()
+        if isinstance(divergence, str):
+            divergence = losses.get(divergence, **(divergence_kwargs or {}))
+        elif divergence_kwargs:
+            raise ValueError("divergence_kwargs go with a divergence name, not a Divergence instance")
+        check_temperature(temperature)
+        if not 0 <= ce_weight <= 1:
+            raise ValueError(f"ce_weight must be between 0 and 1, got {ce_weight}")
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.ce_weight, self.scale_by_tau_sq, self.vocab_size = ce_weight, scale_by_tau_sq, vocab_size
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
+        self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
+        self.save_hyperparameters(
+            {
+                "divergence": divergence.name,
+                **divergence.hparams(),
+                "temperature": temperature,
+                "ce_weight": ce_weight,
+                "scale_by_tau_sq": scale_by_tau_sq,
+                "lr_scheduler": lr_scheduler,
+                "warmup_ratio": warmup_ratio,
+            }
+        )
+        self.teacher_factory = self.student_factory = None
+        if isinstance(teacher, nn.Module):
+            self.teacher = self.frozen(teacher)
+        else:
+            self.teacher_factory = teacher
+        if isinstance(student, nn.Module):
+            self.student = student
+        else:
+            self.student_factory = student
+        self.token_policies: list[Callable[[TokenBatch], None]] = []
+        self.register_state_dict_post_hook(_drop_teacher_weights)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher)
+        self._batch_started_at: float | None = None
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def frozen(teacher: nn.Module) -> nn.Module:
+        return teacher.requires_grad_(False).eval()
+
+    def configure_model(self) -> None:
+        """Build the models given as factories (once; Lightning calls this before fit)."""
+        if self.teacher_factory is not None and not hasattr(self, "teacher"):
+            self.teacher = self.frozen(self.teacher_factory())
+        if self.student_factory is not None and not hasattr(self, "student"):
+            wants_teacher = "teacher" in inspect.signature(self.student_factory).parameters
+            self.student = self.student_factory(teacher=self.teacher) if wants_teacher else self.student_factory()
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Switch the student's mode; the teacher stays in eval mode (no dropout)."""
+        super().train(mode)
+        if hasattr(self, "teacher"):
+            self.teacher.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        self.student.train()  # Hugging Face models load in eval mode
+
+    # -------------------------------------------------------------------- loss
+    def counted_hidden_states(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Student and teacher last hidden states ``[N, H]`` and labels ``[N]`` of the
+        counted tokens. Position i predicts token i + 1 (labels are shifted here, as in
+        Hugging Face); the teacher runs under ``torch.no_grad``."""
+        labels = batch["labels"][:, 1:]
+        counted = labels != -100
+        model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        student_hidden = body_and_head(self.student)[0](**model_inputs).last_hidden_state[:, :-1][counted]
+        with torch.no_grad():
+            teacher_hidden = body_and_head(self.teacher)[0](**model_inputs).last_hidden_state[:, :-1][counted]
+        return student_hidden, teacher_hidden, labels[counted]
+
+    def logits(self, role: str, hidden: Tensor) -> Tensor:
+        """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding
+        beyond the tokenizer carries no token (e.g. 151,936 vs 152,064 rows)."""
+        logits = body_and_head(getattr(self, role))[1](hidden)
+        if self.vocab_size is None:
+            return logits
+        if logits.shape[-1] < self.vocab_size:
+            raise ValueError(
+                f"the {role} has {logits.shape[-1]} logits but the tokenizer has {self.vocab_size} tokens: "
+                "teacher and student must share the tokenizer"
+            )
+        return logits[:, : self.vocab_size]
+
+    def global_count(self, count: Tensor) -> Tensor:
+        """``count`` summed over all processes (itself outside a multi-process Trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return count
+        return self.trainer.strategy.reduce(count, reduce_op="sum")
+
+    def world_size(self) -> int:
+        return 1 if self._trainer is None else self.trainer.world_size
+
+    def distillation_losses(self, batch: dict, apply_policies: bool) -> dict[str, Tensor]:
+        """The §1 loss and its parts; ``apply_policies`` runs the token policies (training).
+
+        Only kept tokens pay for the student lm_head's backward pass: with token policies
+        and no cross-entropy term, the policies see logits computed without gradient and
+        the kept tokens' logits are computed again, with it.
+        """
+        student_hidden, teacher_hidden, labels = self.counted_hidden_states(batch)
+        with torch.no_grad():
+            teacher_logits = self.logits("teacher", teacher_hidden)
+        policies = self.token_policies if apply_policies else []
+        full_gradient = not policies or (self.ce_weight > 0 and torch.is_grad_enabled())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and full_gradient):
+            student_logits = self.logits("student", student_hidden)
+        tokens = TokenBatch(
+            student_logits=student_logits.detach(),
+            teacher_logits=teacher_logits,
+            temperature=torch.full(labels.shape, self.temperature, device=labels.device),
+            keep=torch.ones_like(labels, dtype=torch.bool),
+            step=self.global_step if self._trainer is not None else 0,
+        )
+        for policy in policies:
+            policy(tokens)
+        keep, temperature = tokens.keep, tokens.temperature[tokens.keep]
+        kept_student_logits = student_logits[keep] if full_gradient else self.logits("student", student_hidden[keep])
+        per_token = self.divergence(kept_student_logits, teacher_logits[keep], temperature)
+        if self.scale_by_tau_sq:
+            per_token = temperature.square() * per_token
+        # mean over the global batch: gradients are averaged over processes, so each
+        # process contributes its sum scaled by world_size / global count
+        scale = self.world_size()
+        kd_loss = per_token.sum() * scale / self.global_count(keep.sum()).clamp_min(1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+            ce_sum = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+        ce_loss = ce_sum * scale / self.global_count(torch.tensor(labels.numel(), device=labels.device)).clamp_min(1)
+        loss = (1 - self.ce_weight) * kd_loss + self.ce_weight * ce_loss if self.ce_weight else kd_loss
+        return {
+            "loss": loss,
+            "kd_loss": kd_loss.detach(),
+            "ce_loss": ce_loss.detach(),
+            "kept_tokens": keep.sum(),
+            "temperature_mean": temperature.mean() if temperature.numel() else torch.tensor(math.nan),
+        }
+
+    # ---------------------------------------------------------------- Lightning
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        out = self.distillation_losses(batch, apply_policies=True)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"the distillation loss is {out['loss'].item()} at step {self.global_step}: a divergence is infinite "
+                "where the student puts mass on tokens the teacher rules out (-inf logits), or the learning rate "
+                "is too high; lower it or use a bounded divergence (jsd, tvd, skl, srkl)"
+            )
+        if self._trainer is not None:  # usable outside a Trainer: nothing to log to there
+            self.log_dict(
+                {"train/loss": out["loss"].detach(), "train/kd_loss": out["kd_loss"], "train/ce_loss": out["ce_loss"]},
+                prog_bar=True,
+                sync_dist=self.world_size() > 1,
+            )
+            self.log("temperature/mean", out["temperature_mean"], sync_dist=self.world_size() > 1)
+            self.log("selection/kept_tokens", out["kept_tokens"].float(), reduce_fx="sum", sync_dist=self.world_size() > 1)
+            if self.trainer.optimizers:
+                self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        out = self.distillation_losses(batch, apply_policies=False)
+        if self._trainer is not None:
+            self.log_dict(
+                {"val/loss": out["loss"], "val/kd_loss": out["kd_loss"], "val/ce_loss": out["ce_loss"]},
+                prog_bar=True,
+                sync_dist=self.world_size() > 1,
+                batch_size=int(out["kept_tokens"]),
+            )
+        return out
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_started_at = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """Log tokens per second (all tokens of the global batch, prompt included)."""
+        elapsed = time.perf_counter() - self._batch_started_at
+        tokens = int(batch["attention_mask"].sum()) * self.world_size()
+        self.log("train/tokens_per_s", tokens / elapsed, prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.student.parameters())
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(
+            self.lr_scheduler,
+            optimizer,
+            num_warmup_steps=round(self.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,53 @@
+"""``kd-train``: compose the Hydra config, build the parts, fit, and say where results are.
+
+    kd-train                                         # the default: SmolLM2-135M teacher on Dolly
+    kd-train model=tiny divergence=rkl temperature=2
+    kd-train -m divergence=fkl,rkl temperature=0.5,1,2,4   # a grid, one directory per job
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kd_lightning.models import check_same_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def fit(cfg: DictConfig) -> L.Trainer:
+    """Build tokenizer, data, module, callbacks, loggers and trainer from ``cfg``, then fit."""
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = instantiate(cfg.model.tokenizer)
+    if cfg.model.get("teacher_tokenizer") is not None:
+        check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    module = instantiate(
+        cfg.module,
+        student=instantiate(cfg.model.student),
+        teacher=instantiate(cfg.model.teacher),
+        divergence=instantiate(cfg.divergence),
+        vocab_size=len(tokenizer),
+    )
+    callbacks = [instantiate(callback) for callback in (*cfg.callbacks.values(), *cfg.selection.values())]
+    loggers = [instantiate(logger) for logger in cfg.logger.values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.checkpoint_callback is not None:
+        log.info("checkpoint: %s", trainer.checkpoint_callback.last_model_path)
+    for logger in trainer.loggers:
+        log.info("metrics: %s", logger.log_dir or logger.save_dir)
+    return trainer
+
+
+@hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    fit(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The Hydra configs and the kd-train command line."""
+
+import importlib.resources
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from kd_lightning import losses
+from kd_lightning.train import fit
+
+CONF = importlib.resources.files("kd_lightning.conf")
+GROUP_OPTIONS = [
+    (group.name, option.name.removesuffix(".yaml"))
+    for group in sorted(CONF.iterdir(), key=lambda path: path.name)
+    if group.is_dir() and not group.name.startswith("_")
+    for option in sorted(group.iterdir(), key=lambda path: path.name)
+    if option.name.endswith(".yaml")
+]
+TINY = ["model=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"]
+
+
+def compose_config(output_dir, *overrides):
+    """The config `kd-train OVERRIDES hydra.run.dir=output_dir` would run with."""
+    with initialize_config_module("kd_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def kd_train(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "kd_lightning.train", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_every_group_has_options():
+    groups = {group for group, _ in GROUP_OPTIONS}
+    assert {"data", "model", "divergence", "selection", "trainer", "logger", "callbacks"} <= groups
+    assert {option for group, option in GROUP_OPTIONS if group == "divergence"} == set(losses.available())
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_config_group_composes(group, option, tmp_path):
+    cfg = compose_config(tmp_path, f"{group}={option}")
+    assert cfg.module._target_ == "kd_lightning.DistillationModule"
+    if group == "divergence":
+        divergence = instantiate(cfg.divergence)
+        assert divergence.name == option and isinstance(divergence, losses.Divergence)
+
+
+def test_divergence_parameters_and_temperature_reach_the_module(tmp_path):
+    cfg = compose_config(tmp_path, "divergence=jsd", "divergence.beta=0.3", "temperature=4")
+    assert instantiate(cfg.divergence).beta == 0.3 and cfg.module.temperature == 4
+
+
+def test_tiny_run_writes_a_checkpoint_without_teacher_and_resumes(tmp_path):
+    trainer = fit(compose_config(tmp_path, *TINY, "divergence=csd", "temperature=2"))
+    assert trainer.global_step == 2
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not [key for key in checkpoint["state_dict"] if "teacher" in key]
+    assert checkpoint["hyper_parameters"]["divergence"] == "csd" and checkpoint["hyper_parameters"]["temperature"] == 2
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    for metric in ("train/loss", "train/kd_loss", "train/ce_loss", "train/lr", "train/tokens_per_s", "val/loss"):
+        assert metric in header
+
+    resumed = fit(compose_config(tmp_path, *TINY, "divergence=csd", "temperature=2", "trainer.max_steps=4", "ckpt_path=last"))
+    assert resumed.global_step == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["temperature=0"], InstantiationException, "temperature must be finite and > 0"),
+        (["divergence=jsd", "divergence.beta=2"], InstantiationException, "beta must be a number with 0 < beta < 1"),
+        (["divergence=csd", "divergence.weighting=xx"], InstantiationException, "valid weightings: ss, us, ts, mix"),
+        (["+divergence.gamma=1"], InstantiationException, "no parameter gamma"),
+        (["data.max_length=16"], ValueError, "longer than max_length=16"),
+        (["data.path=/no/such.jsonl"], InstantiationException, "no data file"),
+    ],
+)
+def test_bad_input_is_named(overrides, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        fit(compose_config(tmp_path, *TINY, *overrides))
+
+
+def test_missing_model_file_is_named(tmp_path):
+    pytest.importorskip("gguf")
+    overrides = ["model=smollm2", "model.tokenizer.gguf_package=null", f"+model.tokenizer.name_or_path={tmp_path}"]
+    with pytest.raises(InstantiationException, match="no GGUF file 'SmolLM2-135M-Instruct.Q4_1.gguf'"):
+        fit(compose_config(tmp_path, *overrides))
+
+
+def test_kd_train_command_line(tmp_path):
+    """The issue's acceptance run, through the installed console script."""
+    run = subprocess.run(
+        ["kd-train", *TINY[:1], "divergence=rkl", "temperature=2", "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'OUT'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "OUT" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3 and not [key for key in checkpoint["state_dict"] if "teacher" in key]
+    assert "checkpoint: " in run.stdout + run.stderr
+
+
+def test_unknown_divergence_exits_non_zero_naming_the_choices(tmp_path):
+    run = kd_train("model=tiny", "divergence=nope", cwd=tmp_path)
+    assert run.returncode != 0
+    for name in losses.available():
+        assert name in run.stderr
+    assert "divergence/nope" in run.stderr
+
+
+def test_non_positive_temperature_exits_non_zero(tmp_path):
+    run = kd_train("model=tiny", "temperature=-1", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode != 0 and "temperature must be finite and > 0" in run.stderr
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path):
+    run = kd_train(
+        "-m", "model=tiny", "trainer.max_steps=1", "divergence=fkl,rkl", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir())
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_")
+    assert "divergence=fkl" in jobs[0] and "divergence=rkl" in jobs[1]
+    for job in jobs:
+        assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_adakd_run_moves_the_ratio_after_warmup(tmp_path):
+    """The issue's acceptance run, shortened: `selection=adakd` logs all four metrics and
+    the ratio leaves 1 once the warm-up is over and the loss falls."""
+    import csv
+
+    steps = 60
+    fit(compose_config(tmp_path, *TINY, "selection=adakd", f"trainer.max_steps={steps}", "trainer.val_check_interval=60"))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    ratios = [float(row["selection/ratio"]) for row in rows if row.get("selection/ratio")]
+    assert len(ratios) == steps and ratios[: int(0.05 * steps)] == [1.0] * int(0.05 * steps)
+    assert min(ratios) < 1.0
+    for metric in ("selection/ema_loss", "selection/kept_tokens", "temperature/mean"):
+        assert any(row.get(metric) for row in rows)
