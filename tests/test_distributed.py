@@ -1,0 +1,60 @@
+"""Two CPU processes over gloo: token policies decide on the global batch."""
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from kd_lightning import DistillationModule
+from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, TokenPolicy
+from kd_lightning.models import tiny_causal_lm
+
+
+class FixedFocus(LossAdaptiveTokenFocusing):
+    """LATF held at a ratio of 0.3."""
+
+    def __init__(self):
+        super().__init__(warmup_steps=1000)
+        self.ratio = 0.3
+
+class Recorder(TokenPolicy):
+    """Runs last and writes what each rank's policies decided."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def __call__(self, tokens):
+        record = {"difficulty": tokens.difficulty().tolist(), "keep": tokens.keep.tolist(), "tau": tokens.temperature.tolist()}
+        path = Path(self.out_dir) / f"step{tokens.step}_rank{self.trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+
+
+def test_policies_decide_on_the_global_batch(datamodule, tmp_path):
+    module = DistillationModule(student=tiny_causal_lm(seed=2), teacher=tiny_causal_lm(num_layers=2, seed=1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=2,
+        callbacks=[FixedFocus(), InverseDifficultyTemperature(), Recorder(str(tmp_path))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule)
+    for step in (0, 1):
+        ranks = [json.loads((tmp_path / f"step{step}_rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert all(len(rank["difficulty"]) > 0 for rank in ranks)
+        difficulty = torch.tensor([value for rank in ranks for value in rank["difficulty"]])
+        keep = torch.tensor([value for rank in ranks for value in rank["keep"]])
+        # ⌈r·N⌉ of the global N, split unevenly between ranks as their difficulties fall
+        assert keep.sum() == math.ceil(0.3 * len(keep))
+        assert difficulty[keep].min() >= difficulty[~keep].max()
+        # IDTS: one median, over the kept tokens of both ranks
+        tau = torch.tensor([value for rank in ranks for value in rank["tau"]])
+        expected = torch.exp(-0.5 * torch.tanh(torch.log(difficulty / difficulty[keep].quantile(0.5))))
+        torch.testing.assert_close(tau[keep], expected[keep])
