@@ -17,6 +17,7 @@ from transformers import get_scheduler
 
 from kd_lightning import losses
 from kd_lightning.losses.base import check_temperature
+from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
 from kd_lightning.models import body_and_head
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
@@ -31,18 +32,17 @@ class TokenBatch:
     the divergence on the kept tokens only, at their temperatures.
     """
 
-    student_logits: Tensor  # [N, V], detached: policies never backpropagate
-    teacher_logits: Tensor  # [N, V]
     temperature: Tensor  # [N] float32, the base τ to start with
     keep: Tensor  # [N] bool, all True to start with
     step: int  # the trainer's global step
+    compute_difficulty: Callable[[], Tensor] = field(repr=False)
     _difficulty: Tensor | None = field(default=None, repr=False)
 
     def difficulty(self) -> Tensor:
         """Hellinger distance between p and q at τ = 1 per token (SPEC §3), no gradient;
         computed once, on first use."""
         if self._difficulty is None:
-            self._difficulty = losses.hellinger(self.student_logits, self.teacher_logits)
+            self._difficulty = self.compute_difficulty()
         return self._difficulty
 
 
@@ -79,6 +79,12 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: a ``transformers.get_scheduler`` name (``cosine``, ``linear``,
             ``constant_with_warmup``, …) stepped every optimizer step, with
             ``warmup_ratio`` of the run spent warming up.
+        loss_impl: ``fused`` (default): lm_head and divergence chunk by chunk
+            (``losses.fused_linear_divergence``), never the full logits of either model;
+            ``eager``: the logits of the counted tokens, then the divergence. The fused
+            path needs bias-free linear lm_heads and ``ce_weight = 0``; otherwise the
+            module uses the eager one.
+        chunk_size: tokens per chunk of the fused path.
 
     The teacher is frozen, kept in eval mode and run under ``torch.no_grad``; the
     optimizer sees only the student; ``state_dict`` and checkpoints hold no teacher weights.
@@ -97,8 +103,12 @@ class DistillationModule(L.LightningModule):
         optimizer: Callable | None = None,
         lr_scheduler: str = "cosine",
         warmup_ratio: float = 0.05,
+        loss_impl: str = "fused",
+        chunk_size: int = 1024,
     ):
         super().__init__()
+        if loss_impl not in ("fused", "eager"):
+            raise ValueError(f"loss_impl must be 'fused' or 'eager', got {loss_impl!r}")
         if isinstance(divergence, str):
             divergence = losses.get(divergence, **(divergence_kwargs or {}))
         elif divergence_kwargs:
@@ -111,6 +121,7 @@ class DistillationModule(L.LightningModule):
         self.ce_weight, self.scale_by_tau_sq, self.vocab_size = ce_weight, scale_by_tau_sq, vocab_size
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
+        self.loss_impl, self.chunk_size = loss_impl, chunk_size
         self.save_hyperparameters(
             {
                 "divergence": divergence.name,
@@ -120,6 +131,7 @@ class DistillationModule(L.LightningModule):
                 "scale_by_tau_sq": scale_by_tau_sq,
                 "lr_scheduler": lr_scheduler,
                 "warmup_ratio": warmup_ratio,
+                "loss_impl": loss_impl,
             }
         )
         self.teacher_factory = self.student_factory = None
@@ -176,14 +188,16 @@ class DistillationModule(L.LightningModule):
         """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding
         beyond the tokenizer carries no token (e.g. 151,936 vs 152,064 rows)."""
         logits = body_and_head(getattr(self, role))[1](hidden)
-        if self.vocab_size is None:
-            return logits
-        if logits.shape[-1] < self.vocab_size:
+        return logits if self.vocab_size is None else logits[:, : self.tokenizer_rows(role, logits.shape[-1])]
+
+    def tokenizer_rows(self, role: str, rows: int) -> int:
+        """``vocab_size``, after checking that the ``role``'s lm_head has at least that many rows."""
+        if rows < self.vocab_size:
             raise ValueError(
-                f"the {role} has {logits.shape[-1]} logits but the tokenizer has {self.vocab_size} tokens: "
+                f"the {role} has {rows} logits but the tokenizer has {self.vocab_size} tokens: "
                 "teacher and student must share the tokenizer"
             )
-        return logits[:, : self.vocab_size]
+        return self.vocab_size
 
     def global_count(self, count: Tensor) -> Tensor:
         """``count`` summed over all processes (itself outside a multi-process Trainer)."""
@@ -194,41 +208,75 @@ class DistillationModule(L.LightningModule):
     def world_size(self) -> int:
         return 1 if self._trainer is None else self.trainer.world_size
 
+    def fused_head_weights(self) -> tuple[Tensor, Tensor] | None:
+        """The lm_head weights ``[V, H]`` of student and teacher, cut to ``vocab_size``,
+        when the fused loss applies; ``None`` for the eager path."""
+        if self.loss_impl != "fused" or self.ce_weight > 0:
+            return None
+        heads = [body_and_head(model)[1] for model in (self.student, self.teacher)]
+        if not all(isinstance(head, nn.Linear) and head.bias is None for head in heads):
+            return None
+        weights = [head.weight for head in heads]
+        if self.vocab_size is not None:
+            weights = [weight[: self.tokenizer_rows(role, len(weight))] for role, weight in zip(("student", "teacher"), weights)]
+        return weights[0], weights[1]
+
     def distillation_losses(self, batch: dict, apply_policies: bool) -> dict[str, Tensor]:
         """The §1 loss and its parts; ``apply_policies`` runs the token policies (training).
 
-        Only kept tokens pay for the student lm_head's backward pass: with token policies
-        and no cross-entropy term, the policies see logits computed without gradient and
-        the kept tokens' logits are computed again, with it.
+        Only kept tokens pay for the student lm_head's backward pass. Token policies
+        judge difficulty from logits computed without gradient (in the fused path, one
+        extra chunked pass over both lm_heads).
         """
         student_hidden, teacher_hidden, labels = self.counted_hidden_states(batch)
-        with torch.no_grad():
-            teacher_logits = self.logits("teacher", teacher_hidden)
         policies = self.token_policies if apply_policies else []
-        full_gradient = not policies or (self.ce_weight > 0 and torch.is_grad_enabled())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and full_gradient):
-            student_logits = self.logits("student", student_hidden)
+        head_weights = self.fused_head_weights()
+        if head_weights is None:
+            full_gradient = not policies or (self.ce_weight > 0 and torch.is_grad_enabled())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and full_gradient):
+                student_logits = self.logits("student", student_hidden)
+            with torch.no_grad():
+                teacher_logits = self.logits("teacher", teacher_hidden)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+                cross_entropy = cross_entropy_per_token(student_logits, labels)
+            compute_difficulty = partial(losses.hellinger, student_logits.detach(), teacher_logits)
+        else:
+            difficulty = cross_entropy = None  # without policies, the fused pass gives the cross-entropy
+            if policies:
+                difficulty, cross_entropy = token_statistics(
+                    student_hidden.detach(), head_weights[0], teacher_hidden, head_weights[1], labels, self.chunk_size
+                )
+            compute_difficulty = lambda: difficulty  # noqa: E731
         tokens = TokenBatch(
-            student_logits=student_logits.detach(),
-            teacher_logits=teacher_logits,
             temperature=torch.full(labels.shape, self.temperature, device=labels.device),
             keep=torch.ones_like(labels, dtype=torch.bool),
             step=self.global_step if self._trainer is not None else 0,
+            compute_difficulty=compute_difficulty,
         )
         for policy in policies:
             policy(tokens)
-        keep, temperature = tokens.keep, tokens.temperature[tokens.keep]
-        kept_student_logits = student_logits[keep] if full_gradient else self.logits("student", student_hidden[keep])
-        per_token = self.divergence(kept_student_logits, teacher_logits[keep], temperature)
-        if self.scale_by_tau_sq:
-            per_token = temperature.square() * per_token
+        keep = tokens.keep
+        temperature = tokens.temperature[keep]
+        token_weights = temperature.square() if self.scale_by_tau_sq else torch.ones_like(temperature)
+        if head_weights is None:
+            kept_logits = student_logits[keep] if full_gradient else self.logits("student", student_hidden[keep])
+            per_token = self.divergence(kept_logits, teacher_logits[keep], temperature)
+        elif cross_entropy is None:  # every token kept: cross-entropy comes from the same pass
+            per_token, cross_entropy = losses.fused_linear_divergence(
+                self.divergence, student_hidden, head_weights[0], teacher_hidden, head_weights[1],
+                temperature, self.chunk_size, weights=token_weights, labels=labels,
+            )
+        else:
+            per_token = losses.fused_linear_divergence(
+                self.divergence, student_hidden[keep], head_weights[0], teacher_hidden[keep], head_weights[1],
+                temperature, self.chunk_size, weights=token_weights,
+            )
         # mean over the global batch: gradients are averaged over processes, so each
         # process contributes its sum scaled by world_size / global count
         scale = self.world_size()
-        kd_loss = per_token.sum() * scale / self.global_count(keep.sum()).clamp_min(1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
-            ce_sum = F.cross_entropy(student_logits.float(), labels, reduction="sum")
-        ce_loss = ce_sum * scale / self.global_count(torch.tensor(labels.numel(), device=labels.device)).clamp_min(1)
+        kd_loss = (token_weights * per_token).sum() * scale / self.global_count(keep.sum()).clamp_min(1)
+        ce_count = self.global_count(torch.tensor(labels.numel(), device=labels.device)).clamp_min(1)
+        ce_loss = cross_entropy.sum() * scale / ce_count
         loss = (1 - self.ce_weight) * kd_loss + self.ce_weight * ce_loss if self.ce_weight else kd_loss
         return {
             "loss": loss,

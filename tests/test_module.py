@@ -164,11 +164,11 @@ def test_token_policy_keep_mask_and_temperature_reach_the_loss(batch):
 def test_padded_vocabularies_are_aligned(batch):
     teacher = tiny_causal_lm(vocab_size=259, seed=1)
     student = tiny_causal_lm(vocab_size=264, seed=2)  # embeddings padded beyond the tokenizer
-    with pytest.raises(ValueError, match="student logits have 264 entries, teacher logits have 259"):
+    with pytest.raises(ValueError, match="vocabulary sizes differ.*264.*259"):
         DistillationModule(student=student, teacher=teacher).training_step(batch, 0)
     aligned = DistillationModule(student=student, teacher=teacher, vocab_size=259)
     assert torch.isfinite(aligned.training_step(batch, 0)["loss"])
-    with pytest.raises(ValueError, match="has 259 logits but the tokenizer has 300 tokens"):
+    with pytest.raises(ValueError, match="has 2(59|64) logits but the tokenizer has 300 tokens"):
         DistillationModule(student=student, teacher=teacher, vocab_size=300).training_step(batch, 0)
 
 
@@ -193,3 +193,31 @@ def test_infinite_loss_stops_training_with_an_explanation(batch):
     module.teacher.lm_head.bias.data[5] = -torch.inf  # the teacher rules out a token
     with pytest.raises(FloatingPointError, match="infinite.*-inf logits"):
         module.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("name", ["fkl", "csd", "akl"])
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_fused_and_eager_paths_agree(name, with_policy, batch):
+    from kd_lightning.callbacks import InverseDifficultyTemperature
+
+    results = []
+    for loss_impl in ("eager", "fused"):
+        module = make_module(divergence=name, temperature=2.0, loss_impl=loss_impl, chunk_size=37)
+        if with_policy:
+            module.token_policies.append(InverseDifficultyTemperature())
+        out = module.training_step(batch, 0)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), out["ce_loss"], [p.grad for p in module.student.parameters()]))
+    (eager_loss, eager_ce, eager_grads), (fused_loss, fused_ce, fused_grads) = results
+    torch.testing.assert_close(fused_loss, eager_loss)
+    torch.testing.assert_close(fused_ce, eager_ce)
+    for fused_grad, eager_grad in zip(fused_grads, eager_grads):
+        torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_path_falls_back_to_eager_where_it_cannot_apply(batch):
+    assert make_module().fused_head_weights() is not None
+    assert make_module(ce_weight=0.5).fused_head_weights() is None
+    assert make_module(loss_impl="eager").fused_head_weights() is None
+    with pytest.raises(ValueError, match="loss_impl"):
+        make_module(loss_impl="triton")

@@ -33,13 +33,14 @@ def token_batch(count=10, seed=0, temperature=2.0):
     generator = torch.Generator().manual_seed(seed)
     student = torch.randn(count, 17, generator=generator) * torch.linspace(0.1, 4, count).unsqueeze(1)
     teacher = torch.randn(count, 17, generator=generator)
-    return TokenBatch(
-        student_logits=student,
-        teacher_logits=teacher,
+    tokens = TokenBatch(
         temperature=torch.full((count,), temperature),
         keep=torch.ones(count, dtype=torch.bool),
         step=0,
+        compute_difficulty=lambda: losses.hellinger(student, teacher),
     )
+    tokens.student_logits, tokens.teacher_logits = student, teacher  # for the tests' own checks
+    return tokens
 
 
 # ------------------------------------------------------------------------- LATF
@@ -148,9 +149,10 @@ def test_per_token_temperature_reaches_the_divergence(batch):
 
 
 # ------------------------------------------------------------------ the module
-def test_dropped_tokens_cost_no_gradient_work(batch):
-    """With LATF keeping k tokens, the student's lm_head runs with gradient on k rows only."""
-    module = DistillationModule(student=tiny_causal_lm(seed=2), teacher=tiny_causal_lm(seed=1))
+@pytest.mark.parametrize("loss_impl", ["eager", "fused"])
+def test_dropped_tokens_cost_no_gradient_work(batch, loss_impl, monkeypatch):
+    """With LATF keeping k tokens, the student's lm_head works with gradient on k rows only."""
+    module = DistillationModule(student=tiny_causal_lm(seed=2), teacher=tiny_causal_lm(seed=1), loss_impl=loss_impl)
     policy = latf()
     policy.ratio = 0.3
     module.token_policies.append(policy)
@@ -158,6 +160,13 @@ def test_dropped_tokens_cost_no_gradient_work(batch):
     module.student.lm_head.register_forward_hook(
         lambda head, inputs, output: rows_with_gradient.append(len(inputs[0])) if output.requires_grad else None
     )
+    fused = losses.fused_linear_divergence
+
+    def recording_fused(divergence, student_hidden, *args, **kwargs):
+        rows_with_gradient.append(len(student_hidden))
+        return fused(divergence, student_hidden, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "fused_linear_divergence", recording_fused)
     out = module.training_step(batch, 0)
     out["loss"].backward()
     counted = int((batch["labels"][:, 1:] != -100).sum())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from kd_lightning.losses.base import Divergence, hellinger
 from kd_lightning.losses.csd import ConcreteScore
 from kd_lightning.losses.distances import AlphaBeta, TotalVariation
+from kd_lightning.losses.fused import fused_linear_divergence
 from kd_lightning.losses.kl import AdaptiveKL, ForwardKL, JensenShannon, ReverseKL, SkewKL, SkewReverseKL
 
 _REGISTRY: dict[str, type[Divergence]] = {
@@ -54,6 +55,7 @@ __all__ = [
     "SkewReverseKL",
     "TotalVariation",
     "available",
+    "fused_linear_divergence",
     "get",
     "hellinger",
 ]

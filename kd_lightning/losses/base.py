@@ -84,6 +84,14 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     )
 
 
+def softmax_gradient(probs: Tensor, outer_gradient: Tensor) -> Tensor:
+    """The gradient with respect to logits u of a function of ``probs = softmax(u)``,
+    given its gradient ``a`` with respect to the probabilities: ``probs ⊙ (a − E_probs[a])``.
+    Entries of probability 0 contribute nothing (their ``a`` may be infinite)."""
+    outer_gradient = torch.where(probs > 0, outer_gradient, torch.zeros_like(outer_gradient))
+    return probs * (outer_gradient - (probs * outer_gradient).sum(-1, keepdim=True))
+
+
 def check_open_unit(name: str, value: float) -> float:
     """Return ``value`` as a float if 0 < value < 1, else raise ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
@@ -117,6 +125,11 @@ class Divergence(nn.Module):
         return divergence.clamp_min(0) if self.clamp_at_zero else divergence
 
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``∂D/∂(z/τ)`` per token, ``[..., V]``, without autograd (the fused path uses it;
+        divide by τ for ``∂D/∂z``)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

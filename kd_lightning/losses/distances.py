@@ -7,7 +7,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.base import Divergence
+from kd_lightning.losses.base import Divergence, softmax_gradient
 
 
 class TotalVariation(Divergence):
@@ -18,6 +18,11 @@ class TotalVariation(Divergence):
 
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = ½ sign(q − p)``."""
+        student_probs = student_log_probs.exp()
+        return softmax_gradient(student_probs, 0.5 * torch.sign(student_probs - teacher_log_probs.exp()))
 
 
 class AlphaBeta(Divergence):
@@ -47,6 +52,13 @@ class AlphaBeta(Divergence):
         student_power = torch.exp(total * student_log_probs)
         bracket = cross - alpha / total * teacher_power - beta / total * student_power
         return -bracket.sum(-1) / (alpha * beta)
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``b − q Σ b`` with ``b = q ⊙ ∂D/∂q = −(p^α q^β − q^(α+β)) / α``."""
+        alpha, beta = self.alpha, self.beta
+        cross = torch.exp(alpha * teacher_log_probs + beta * student_log_probs)
+        weighted = -(cross - torch.exp((alpha + beta) * student_log_probs)) / alpha
+        return weighted - student_log_probs.exp() * weighted.sum(-1, keepdim=True)
 
     def hparams(self) -> dict:
         return {"alpha": self.alpha, "beta": self.beta}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.base import Divergence, check_open_unit, kl, log_mixture
+from kd_lightning.losses.base import Divergence, check_open_unit, kl, log_mixture, softmax_gradient
 
 
 class ForwardKL(Divergence):
@@ -19,6 +19,10 @@ class ForwardKL(Divergence):
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         return kl(teacher_log_probs, student_log_probs)
 
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q − p``."""
+        return student_log_probs.exp() - teacher_log_probs.exp()
+
 
 class ReverseKL(Divergence):
     """Reverse KL, mode-seeking: ``D = KL(q ‖ p) = Σ q (log q − log p)``."""
@@ -27,6 +31,10 @@ class ReverseKL(Divergence):
 
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         return kl(student_log_probs, teacher_log_probs)
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q ⊙ (r − E_q[r])`` with ``r = log q − log p``."""
+        return softmax_gradient(student_log_probs.exp(), student_log_probs - teacher_log_probs)
 
 
 class JensenShannon(Divergence):
@@ -46,6 +54,11 @@ class JensenShannon(Divergence):
         log_m = log_mixture(teacher_log_probs, student_log_probs, self.beta)
         return self.beta * kl(teacher_log_probs, log_m) + (1 - self.beta) * kl(student_log_probs, log_m)
 
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = (1 − β)(log q − log m)``."""
+        log_m = log_mixture(teacher_log_probs, student_log_probs, self.beta)
+        return softmax_gradient(student_log_probs.exp(), (1 - self.beta) * (student_log_probs - log_m))
+
     def hparams(self) -> dict:
         return {"beta": self.beta}
 
@@ -62,6 +75,11 @@ class SkewKL(Divergence):
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         return kl(teacher_log_probs, log_mixture(teacher_log_probs, student_log_probs, self.alpha))
 
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = −(1 − α) p / m``."""
+        log_m = log_mixture(teacher_log_probs, student_log_probs, self.alpha)
+        return softmax_gradient(student_log_probs.exp(), -(1 - self.alpha) * (teacher_log_probs - log_m).exp())
+
     def hparams(self) -> dict:
         return {"alpha": self.alpha}
 
@@ -73,6 +91,11 @@ class SkewReverseKL(SkewKL):
 
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         return kl(student_log_probs, log_mixture(teacher_log_probs, student_log_probs, 1 - self.alpha))
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = log q − log m − α q / m``."""
+        log_ratio = student_log_probs - log_mixture(teacher_log_probs, student_log_probs, 1 - self.alpha)
+        return softmax_gradient(student_log_probs.exp(), log_ratio - self.alpha * log_ratio.exp())
 
 
 class AdaptiveKL(Divergence):
@@ -94,6 +117,14 @@ class AdaptiveKL(Divergence):
         head_weight = self.head_weight(student_log_probs, teacher_log_probs)
         forward = kl(teacher_log_probs, student_log_probs)
         reverse = kl(student_log_probs, teacher_log_probs)
+        return head_weight * forward + (1 - head_weight) * reverse
+
+    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """``g · (q − p) + (1 − g) · q ⊙ (r − E_q[r])``, g held constant."""
+        head_weight = self.head_weight(student_log_probs, teacher_log_probs).unsqueeze(-1)
+        student_probs = student_log_probs.exp()
+        forward = student_probs - teacher_log_probs.exp()
+        reverse = softmax_gradient(student_probs, student_log_probs - teacher_log_probs)
         return head_weight * forward + (1 - head_weight) * reverse
 
     @torch.no_grad()

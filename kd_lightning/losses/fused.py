@@ -1,0 +1,167 @@
+"""lm_head and divergence fused, chunk by chunk over tokens: never the full logits.
+
+For each chunk of tokens the student's and the teacher's logits are computed, then the
+divergence and its analytic gradient in logit space (``Divergence.logit_gradient``), and
+that gradient goes straight through the student's lm_head into float32 accumulators
+for the hidden states and the weight. The chunk's logits are then dropped: memory holds
+one chunk of logits, whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger, tempered_log_probs
+
+
+def chunked_pass(
+    divergence: Divergence,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    temperature: Tensor,
+    weights: Tensor,
+    chunk_size: int,
+    with_gradients: bool = True,
+    labels: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """D per token, the student's cross-entropy on ``labels`` at τ = 1 (zeros without
+    labels), and the gradients of ``Σ_i weights_i · D_i`` with respect to the student's
+    hidden states and lm_head weight. Tokens of zero weight are skipped entirely: their
+    D and cross-entropy are 0."""
+    dtype = compute_dtype(student_weight, teacher_weight)
+    values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
+    cross_entropy = torch.zeros_like(values)
+    hidden_grad = torch.zeros_like(student_hidden, dtype=dtype) if with_gradients else None
+    weight_grad = torch.zeros_like(student_weight, dtype=dtype) if with_gradients else None
+    for rows in weights.nonzero().squeeze(-1).split(chunk_size):
+        hidden, tau = student_hidden[rows], temperature[rows]
+        student_logits = hidden @ student_weight.T
+        if labels is not None:
+            cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows])
+        student_log_probs = tempered_log_probs(student_logits, tau, dtype)
+        teacher_log_probs = tempered_log_probs(teacher_hidden[rows] @ teacher_weight.T, tau, dtype)
+        del student_logits
+        chunk_values = divergence.token_divergence(student_log_probs, teacher_log_probs)
+        values[rows] = chunk_values.clamp_min(0) if divergence.clamp_at_zero else chunk_values
+        if with_gradients:
+            logit_grad = divergence.logit_gradient(student_log_probs, teacher_log_probs)
+            del student_log_probs, teacher_log_probs
+            logit_grad = (logit_grad * (weights[rows] / tau).unsqueeze(-1)).to(student_weight.dtype)
+            hidden_grad[rows] = (logit_grad @ student_weight).to(dtype)
+            weight_grad += (logit_grad.T @ hidden).to(dtype)
+    return values, cross_entropy, hidden_grad, weight_grad
+
+
+def cross_entropy_per_token(logits: Tensor, labels: Tensor) -> Tensor:
+    """``logsumexp(z) − z[label]`` per token, in float32 at least."""
+    logits = logits.to(compute_dtype(logits))
+    return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def token_statistics(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Per token at τ = 1, chunk by chunk and without gradient: the Hellinger distance
+    between teacher and student (a token's difficulty) and the student's cross-entropy."""
+    difficulty = torch.zeros(len(student_hidden), device=student_hidden.device)
+    cross_entropy = torch.zeros_like(difficulty)
+    for rows in torch.arange(len(student_hidden), device=student_hidden.device).split(chunk_size):
+        student_logits = student_hidden[rows] @ student_weight.T
+        difficulty[rows] = hellinger(student_logits, teacher_hidden[rows] @ teacher_weight.T).float()
+        cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows]).float()
+    return difficulty, cross_entropy
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Gradients are computed in the forward pass for an upstream gradient proportional to
+    ``weights`` (what a weighted mean of D gives) and scaled in backward; any other
+    upstream gradient is served exactly by a second chunked pass."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size, labels):
+        inputs = (divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
+        needs_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        values, cross_entropy, hidden_grad, weight_grad = chunked_pass(
+            *inputs, weights, chunk_size, needs_gradients, labels
+        )
+        ctx.inputs, ctx.chunk_size = inputs, chunk_size
+        ctx.weights, ctx.hidden_grad, ctx.weight_grad = weights, hidden_grad, weight_grad
+        ctx.mark_non_differentiable(cross_entropy)
+        return values, cross_entropy
+
+    @staticmethod
+    def backward(ctx, upstream, _cross_entropy_upstream):
+        weights, (divergence, student_hidden, student_weight, *_) = ctx.weights, ctx.inputs
+        weighted = weights != 0
+        scale = upstream[weighted][:1] / weights[weighted][:1] if weighted.any() else upstream.new_zeros(1)
+        if torch.allclose(upstream, scale * weights, rtol=1e-6, atol=0):
+            hidden_grad, weight_grad = ctx.hidden_grad * scale, ctx.weight_grad * scale
+        else:  # an upstream gradient the forward pass could not foresee: recompute
+            exact_weights = torch.where(weighted, upstream.to(weights.dtype), torch.zeros_like(weights))
+            _, _, hidden_grad, weight_grad = chunked_pass(*ctx.inputs, exact_weights, ctx.chunk_size)
+        ctx.hidden_grad = ctx.weight_grad = None
+        return (
+            hidden_grad.to(student_hidden.dtype) if ctx.needs_input_grad[0] else None,
+            weight_grad.to(student_weight.dtype) if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def fused_linear_divergence(
+    divergence: Divergence,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    temperature: float | Tensor = 1.0,
+    chunk_size: int = 1024,
+    weights: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
+    per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
+
+    Args:
+        student_hidden: ``[N, Hs]``; student_weight: ``[V, Hs]`` (the lm_head weight);
+        teacher_hidden: ``[N, Ht]``; teacher_weight: ``[V, Ht]`` (no gradient).
+        temperature: a float or ``[N]``.
+        weights: ``[N]``, optional: the weights the caller will apply to D (e.g. τ²) —
+            the gradients are then ready after the forward pass. Tokens of zero weight
+            are skipped entirely (D = 0, no gradient).
+        labels: ``[N]``, optional: then the student's cross-entropy on them at τ = 1 comes
+            back too, as ``(D, cross_entropy)``, from the same pass (without gradient).
+
+    Differentiable with respect to ``student_hidden`` and ``student_weight``; equal to the
+    unfused computation within float32 tolerance, never holding more than
+    ``chunk_size × V`` logits of each model. bf16 weights run their matmuls in bf16 and
+    everything else in float32 (float64 for float64 weights).
+    """
+    tokens, vocab = len(student_hidden), student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"vocabulary sizes differ: the student lm_head has {vocab} rows, the teacher's "
+            f"{teacher_weight.shape[0]}; slice both to the shared tokenizer size"
+        )
+    if len(teacher_hidden) != tokens:
+        raise ValueError(f"student and teacher hidden states must cover the same tokens: {tokens} vs {len(teacher_hidden)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_temperature(temperature)
+    device = student_hidden.device
+    dtype = compute_dtype(student_weight, teacher_weight)
+    temperature = torch.as_tensor(temperature, dtype=dtype, device=device).expand(tokens).contiguous()
+    weights = torch.ones(tokens, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
+    values, cross_entropy = _FusedLinearDivergence.apply(
+        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+        divergence, temperature, weights, chunk_size, labels,
+    )
+    return values if labels is None else (values, cross_entropy)
