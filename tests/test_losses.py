@@ -415,3 +415,15 @@ def test_teacher_logits_need_no_grad_and_get_none():
     student.requires_grad_(True)
     losses.get("jsd")(student, teacher).sum().backward()
     assert teacher.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize("mu", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_akl_head_of_flat_distributions_matches_a_sort(mu, dtype):
+    """Flat p (high τ, large V): the head is found by radix select, not the top-16 shortcut."""
+    probs = torch.softmax(torch.randn(6, 5000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 0.3, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))
+    expected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before < mu)
+    head = losses.get("akl", mu=mu).in_head(probs)
+    assert expected.sum() > 6 * 16 and torch.equal(head, expected)

@@ -67,8 +67,7 @@ def kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     give neither NaN values nor NaN gradients.
     """
     a = log_a.exp()
-    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
-    return (a * log_ratio).sum(-1)
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
 
 
 def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -88,7 +87,7 @@ def softmax_gradient(probs: Tensor, outer_gradient: Tensor) -> Tensor:
     """The gradient with respect to logits u of a function of ``probs = softmax(u)``,
     given its gradient ``a`` with respect to the probabilities: ``probs ⊙ (a − E_probs[a])``.
     Entries of probability 0 contribute nothing (their ``a`` may be infinite)."""
-    outer_gradient = torch.where(probs > 0, outer_gradient, torch.zeros_like(outer_gradient))
+    outer_gradient = torch.where(probs > 0, outer_gradient, 0.0)
     return probs * (outer_gradient - (probs * outer_gradient).sum(-1, keepdim=True))
 
 
@@ -131,6 +130,13 @@ class Divergence(nn.Module):
         """``∂D/∂(z/τ)`` per token, ``[..., V]``, without autograd (the fused path uses it;
         divide by τ for ``∂D/∂z``)."""
         raise NotImplementedError
+
+    def value_and_logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """D (clamped like ``forward``) and ``∂D/∂(z/τ)`` together; divergences whose two
+        share costly terms override it."""
+        values = self.token_divergence(student_log_probs, teacher_log_probs)
+        values = values.clamp_min(0) if self.clamp_at_zero else values
+        return values, self.logit_gradient(student_log_probs, teacher_log_probs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.hparams().items())

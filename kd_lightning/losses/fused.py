@@ -9,10 +9,12 @@ one chunk of logits, whatever the number of tokens.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger, tempered_log_probs
+from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger
 
 
 def chunked_pass(
@@ -26,11 +28,13 @@ def chunked_pass(
     chunk_size: int,
     with_gradients: bool = True,
     labels: Tensor | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """D per token, the student's cross-entropy on ``labels`` at τ = 1 (zeros without
     labels), and the gradients of ``Σ_i weights_i · D_i`` with respect to the student's
     hidden states and lm_head weight. Tokens of zero weight are skipped entirely: their
     D and cross-entropy are 0."""
+    step = compiled_chunk_step(divergence) if compile else functools.partial(chunk_step, divergence)
     dtype = compute_dtype(student_weight, teacher_weight)
     values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
     cross_entropy = torch.zeros_like(values)
@@ -38,21 +42,46 @@ def chunked_pass(
     weight_grad = torch.zeros_like(student_weight, dtype=dtype) if with_gradients else None
     for rows in weights.nonzero().squeeze(-1).split(chunk_size):
         hidden, tau = student_hidden[rows], temperature[rows]
-        student_logits = hidden @ student_weight.T
-        if labels is not None:
+        inverse_tau = (1 / tau).unsqueeze(-1)
+        if labels is None:  # z/τ = (h/τ) W^T: the temperature costs no pass over the vocabulary
+            student_logits = (hidden * inverse_tau.to(hidden.dtype)) @ student_weight.T
+        else:
+            student_logits = hidden @ student_weight.T
             cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows])
-        student_log_probs = tempered_log_probs(student_logits, tau, dtype)
-        teacher_log_probs = tempered_log_probs(teacher_hidden[rows] @ teacher_weight.T, tau, dtype)
-        del student_logits
-        chunk_values = divergence.token_divergence(student_log_probs, teacher_log_probs)
-        values[rows] = chunk_values.clamp_min(0) if divergence.clamp_at_zero else chunk_values
+            student_logits = student_logits.to(dtype) * inverse_tau
+        teacher_logits = (teacher_hidden[rows] * inverse_tau.to(teacher_hidden.dtype)) @ teacher_weight.T
+        gradient_scale = weights[rows] / tau if with_gradients else None
+        values[rows], logit_grad = step(student_logits.to(dtype), teacher_logits.to(dtype), gradient_scale)
+        del student_logits, teacher_logits
         if with_gradients:
-            logit_grad = divergence.logit_gradient(student_log_probs, teacher_log_probs)
-            del student_log_probs, teacher_log_probs
-            logit_grad = (logit_grad * (weights[rows] / tau).unsqueeze(-1)).to(student_weight.dtype)
+            logit_grad = logit_grad.to(student_weight.dtype)
             hidden_grad[rows] = (logit_grad @ student_weight).to(dtype)
-            weight_grad += (logit_grad.T @ hidden).to(dtype)
+            if weight_grad.dtype == logit_grad.dtype:  # accumulate in place: no V×H temporary per chunk
+                weight_grad.addmm_(logit_grad.T, hidden)
+            else:
+                weight_grad += (logit_grad.T @ hidden).to(dtype)
     return values, cross_entropy, hidden_grad, weight_grad
+
+
+def chunk_step(
+    divergence: Divergence, student_logits: Tensor, teacher_logits: Tensor, gradient_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """From one chunk's tempered logits: D per token and, if ``gradient_scale`` is given,
+    ``gradient_scale_i · ∂D_i/∂(z/τ)`` — every pass over the vocabulary of the fused path."""
+    student_log_probs = torch.log_softmax(student_logits, -1)
+    teacher_log_probs = torch.log_softmax(teacher_logits, -1)
+    if gradient_scale is None:
+        values = divergence.token_divergence(student_log_probs, teacher_log_probs)
+        return (values.clamp_min(0) if divergence.clamp_at_zero else values), None
+    values, gradient = divergence.value_and_logit_gradient(student_log_probs, teacher_log_probs)
+    return values, gradient * gradient_scale.unsqueeze(-1)
+
+
+@functools.cache
+def compiled_chunk_step(divergence: Divergence):
+    """``chunk_step`` for ``divergence``, compiled by torch.compile: its passes over the
+    vocabulary fuse into a few loops (the first call compiles, for seconds to a minute)."""
+    return torch.compile(functools.partial(chunk_step, divergence), dynamic=True)
 
 
 def cross_entropy_per_token(logits: Tensor, labels: Tensor) -> Tensor:
@@ -87,13 +116,16 @@ class _FusedLinearDivergence(torch.autograd.Function):
     upstream gradient is served exactly by a second chunked pass."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size, labels):
+    def forward(
+        ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size,
+        labels, compile,
+    ):
         inputs = (divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
         needs_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         values, cross_entropy, hidden_grad, weight_grad = chunked_pass(
-            *inputs, weights, chunk_size, needs_gradients, labels
+            *inputs, weights, chunk_size, needs_gradients, labels, compile
         )
-        ctx.inputs, ctx.chunk_size = inputs, chunk_size
+        ctx.inputs, ctx.chunk_size, ctx.compile = inputs, chunk_size, compile
         ctx.weights, ctx.hidden_grad, ctx.weight_grad = weights, hidden_grad, weight_grad
         ctx.mark_non_differentiable(cross_entropy)
         return values, cross_entropy
@@ -107,12 +139,14 @@ class _FusedLinearDivergence(torch.autograd.Function):
             hidden_grad, weight_grad = ctx.hidden_grad * scale, ctx.weight_grad * scale
         else:  # an upstream gradient the forward pass could not foresee: recompute
             exact_weights = torch.where(weighted, upstream.to(weights.dtype), torch.zeros_like(weights))
-            _, _, hidden_grad, weight_grad = chunked_pass(*ctx.inputs, exact_weights, ctx.chunk_size)
+            _, _, hidden_grad, weight_grad = chunked_pass(
+                *ctx.inputs, exact_weights, ctx.chunk_size, compile=ctx.compile
+            )
         ctx.hidden_grad = ctx.weight_grad = None
         return (
             hidden_grad.to(student_hidden.dtype) if ctx.needs_input_grad[0] else None,
             weight_grad.to(student_weight.dtype) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
@@ -126,6 +160,7 @@ def fused_linear_divergence(
     chunk_size: int = 1024,
     weights: Tensor | None = None,
     labels: Tensor | None = None,
+    compile: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
     per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
@@ -139,6 +174,8 @@ def fused_linear_divergence(
             are skipped entirely (D = 0, no gradient).
         labels: ``[N]``, optional: then the student's cross-entropy on them at τ = 1 comes
             back too, as ``(D, cross_entropy)``, from the same pass (without gradient).
+        compile: run each chunk's passes over the vocabulary through ``torch.compile``,
+            which fuses them (several times faster on CPU; the first call compiles).
 
     Differentiable with respect to ``student_hidden`` and ``student_weight``; equal to the
     unfused computation within float32 tolerance, never holding more than
@@ -162,6 +199,6 @@ def fused_linear_divergence(
     weights = torch.ones(tokens, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
     values, cross_entropy = _FusedLinearDivergence.apply(
         student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-        divergence, temperature, weights, chunk_size, labels,
+        divergence, temperature, weights, chunk_size, labels, compile,
     )
     return values if labels is None else (values, cross_entropy)

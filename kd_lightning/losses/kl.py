@@ -120,25 +120,73 @@ class AdaptiveKL(Divergence):
         return head_weight * forward + (1 - head_weight) * reverse
 
     def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``g · (q − p) + (1 − g) · q ⊙ (r − E_q[r])``, g held constant."""
-        head_weight = self.head_weight(student_log_probs, teacher_log_probs).unsqueeze(-1)
-        student_probs = student_log_probs.exp()
-        forward = student_probs - teacher_log_probs.exp()
-        reverse = softmax_gradient(student_probs, student_log_probs - teacher_log_probs)
-        return head_weight * forward + (1 - head_weight) * reverse
+        return self.value_and_logit_gradient(student_log_probs, teacher_log_probs)[1]
+
+    def value_and_logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """D and ``g · (q − p) + (1 − g) · q ⊙ (r − E_q[r])``, g computed once and held constant."""
+        head_weight = self.head_weight(student_log_probs, teacher_log_probs)
+        student_probs, teacher_probs = student_log_probs.exp(), teacher_log_probs.exp()
+        log_ratio = student_log_probs - teacher_log_probs
+        forward = (teacher_probs * torch.where(teacher_probs > 0, -log_ratio, 0.0)).sum(-1)
+        reverse_terms = torch.where(student_probs > 0, log_ratio, 0.0)
+        reverse = (student_probs * reverse_terms).sum(-1)
+        values = (head_weight * forward + (1 - head_weight) * reverse).clamp_min(0)
+        head_weight = head_weight.unsqueeze(-1)
+        gradient = head_weight * (student_probs - teacher_probs) + (1 - head_weight) * student_probs * (
+            reverse_terms - reverse.unsqueeze(-1)
+        )
+        return values, gradient
 
     @torch.no_grad()
     def head_weight(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         """g per token: the share of the total |p − q| gap that lies on the head of p."""
         teacher_probs = teacher_log_probs.exp()
         gap = (teacher_probs - student_log_probs.exp()).abs()
-        sorted_probs, order = teacher_probs.sort(dim=-1, descending=True)
-        # x is in the head when the mass sorted before it is still short of μ
-        mass_before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))
-        in_head = mass_before < self.mu
-        head_gap = (gap.gather(-1, order) * in_head).sum(-1)
         total_gap = gap.sum(-1)
-        return torch.where(total_gap > 0, head_gap / total_gap, torch.full_like(total_gap, 0.5))
+        head_gap = (gap * self.in_head(teacher_probs)).sum(-1)
+        return torch.where(total_gap > 0, head_gap / total_gap, 0.5)
+
+    def in_head(self, probs: Tensor) -> Tensor:
+        """Whether each entry belongs to the smallest set of largest probabilities holding
+        mass ≥ μ, without sorting the vocabulary.
+
+        A peaked distribution has its head among its top 16 entries (one ``topk``). For
+        the other tokens the head is ``{p ≥ θ}``, θ the largest probability whose upper
+        set still holds μ, found by a radix select on the bit patterns of the
+        probabilities (non-negative floats order as their bits do), 12 bits a round:
+        a few passes over the vocabulary, each a histogram of the mass.
+        """
+        top = min(16, probs.shape[-1])
+        top_probs = probs.topk(top, dim=-1).values
+        mass_before = torch.nn.functional.pad(top_probs.cumsum(-1)[..., :-1], (1, 0))
+        threshold = torch.where(mass_before < self.mu, top_probs, torch.inf).amin(-1)  # the last head entry
+        unresolved = top_probs.sum(-1) < self.mu
+        if unresolved.any():
+            threshold[unresolved] = self.radix_threshold(probs[unresolved])
+        return probs >= threshold.unsqueeze(-1)
+
+    def radix_threshold(self, probs: Tensor) -> Tensor:
+        """θ per row of ``probs`` ``[n, V]``: the largest value whose upper set holds μ."""
+        int_dtype, value_bits = (torch.int64, 63) if probs.dtype == torch.float64 else (torch.int32, 31)
+        bits = probs.view(int_dtype)
+        prefix = torch.zeros(len(probs), dtype=int_dtype, device=probs.device)  # θ's bits found so far
+        mass_above = torch.zeros(len(probs), dtype=probs.dtype, device=probs.device)  # mass above θ's range
+        shift = value_bits
+        while shift > 0:
+            width = min(12, shift)
+            shift -= width
+            in_range = (bits >> (shift + width)) == (prefix >> (shift + width)).unsqueeze(-1)
+            digits = ((bits >> shift) & ((1 << width) - 1)).long()
+            digit_mass = torch.zeros(len(probs), 1 << width, dtype=probs.dtype, device=probs.device)
+            digit_mass.scatter_add_(1, digits, torch.where(in_range, probs, 0.0))
+            mass_from = digit_mass.flip(-1).cumsum(-1).flip(-1) + mass_above.unsqueeze(-1)  # digits ≥ d
+            holds = mass_from >= self.mu  # true for the small digits, false above θ's digit
+            digit = (holds * torch.arange(1 << width, device=probs.device)).amax(-1)
+            mass_above = mass_from.gather(-1, digit.unsqueeze(-1)).squeeze(-1) - digit_mass.gather(
+                -1, digit.unsqueeze(-1)
+            ).squeeze(-1)
+            prefix = prefix | (digit.to(int_dtype) << shift)
+        return prefix.view(probs.dtype)
 
     def hparams(self) -> dict:
         return {"mu": self.mu}

@@ -1,0 +1,230 @@
+"""Time and peak memory of the distillation loss head, every divergence, eager vs fused, and peers.
+
+Each case runs in its own process (the peak resident memory of a process only grows) on
+the same inputs: student hidden states ``[T, Hs]`` and lm_head ``[V, Hs]`` (trainable),
+teacher hidden states ``[T, Ht]`` and lm_head ``[V, Ht]``. A case computes the per-token
+loss, its mean, and the backward pass into the student's hidden states and lm_head.
+Figures are ratios to the floor — the student and teacher logit matmuls and the two
+gradient matmuls of the student's, nothing else — measured in the same run:
+
+    python benchmarks/loss_bench.py                    # CPU: T=1024, Hs=896, Ht=1536, V=151,936
+    python benchmarks/loss_bench.py --device cuda      # writes loss_bench_gpu.md
+    python benchmarks/loss_bench.py --tokens 64 --vocab 4096 --out /tmp/smoke.md   # a smoke run
+
+Peers, when installed: Liger-Kernel's fused linear JSD (``LigerFusedLinearJSDLoss``, soft
+loss only), TRL's GKD ``generalized_jsd_loss`` (on materialised logits), torchtune's
+chunked forward KL (``ForwardKLWithChunkedOutputLoss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def inputs(args):
+    generator = torch.Generator(device=args.device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, device=args.device, dtype=getattr(torch, args.dtype)) * scale
+
+    student_hidden = randn(args.tokens, args.student_hidden).requires_grad_(True)
+    student_weight = randn(args.vocab, args.student_hidden, scale=args.student_hidden**-0.5).requires_grad_(True)
+    teacher_hidden = randn(args.tokens, args.teacher_hidden)
+    teacher_weight = randn(args.vocab, args.teacher_hidden, scale=args.teacher_hidden**-0.5)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def case_function(case: str, args):
+    """A callable running one forward + backward of ``case`` on the inputs."""
+    from kd_lightning import losses
+
+    kind, _, name = case.partition(":")
+    if kind == "floor":
+
+        def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            with torch.no_grad():
+                student_logits = student_hidden @ student_weight.T
+                teacher_logits = teacher_hidden @ teacher_weight.T  # noqa: F841 (what a loss reads)
+                student_hidden.grad = student_logits @ student_weight
+                student_weight.grad = student_logits.T @ student_hidden
+
+        return run
+    if kind in ("eager", "fused", "compiled"):
+        divergence = losses.get(name)
+
+        def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            if kind == "eager":
+                per_token = divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, args.temperature)
+            else:
+                per_token = losses.fused_linear_divergence(
+                    divergence, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                    args.temperature, args.chunk_size, compile=kind == "compiled",
+                )
+            per_token.mean().backward()
+
+        return run
+    if kind == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, temperature=args.temperature)
+        labels = torch.zeros(args.tokens, dtype=torch.long, device=args.device)
+
+        def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels).backward()
+
+        return run
+    if kind == "trl":
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            student_logits = (student_hidden @ student_weight.T).unsqueeze(0)
+            teacher_logits = (teacher_hidden @ teacher_weight.T).unsqueeze(0)
+            GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, beta=0.5, temperature=args.temperature).backward()
+
+        return run
+    if kind == "torchtune":
+        from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+        loss = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+        labels = torch.zeros(1, args.tokens, dtype=torch.long, device=args.device)
+
+        def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            chunks = zip(student_hidden.chunk(8), teacher_hidden.chunk(8))
+            student_chunks, teacher_chunks = zip(*((s @ student_weight.T, t @ teacher_weight.T) for s, t in chunks))
+            student_chunks = [chunk.unsqueeze(0) for chunk in student_chunks]
+            teacher_chunks = [chunk.unsqueeze(0) for chunk in teacher_chunks]
+            loss(student_chunks, teacher_chunks, labels).backward()
+
+        return run
+    raise ValueError(f"unknown case {case!r}")
+
+
+def peak_bytes(args) -> int:
+    if args.device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def measure(case: str, args) -> dict:
+    """Run ``case`` in this process: seconds of the timed call, and peak memory above the inputs."""
+    tensors = inputs(args)
+    try:
+        run = case_function(case, args)
+    except ImportError as error:
+        return {"case": case, "error": f"not installed ({error.__class__.__name__}: {str(error).strip()[:80]})"}
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if args.device == "cuda" else peak_bytes(args)
+    for warm in range(args.warmup):
+        run(*tensors)
+        tensors[0].grad = tensors[1].grad = None
+    synchronize()
+    start = time.perf_counter()
+    run(*tensors)
+    synchronize()
+    seconds = time.perf_counter() - start
+    return {"case": case, "seconds": seconds, "peak_gib": (peak_bytes(args) - baseline) / 2**30}
+
+
+def table(results: list[dict], args) -> str:
+    by_case = {result["case"]: result for result in results}
+    floor, naive = by_case["floor"], by_case.get("eager:fkl")
+    naive_extra = naive["peak_gib"] - floor["peak_gib"] if naive and "seconds" in naive else None
+    lines = [
+        f"# Loss head benchmark ({args.device})",
+        "",
+        f"T = {args.tokens} tokens, student hidden {args.student_hidden}, teacher hidden {args.teacher_hidden}, "
+        f"V = {args.vocab:,}, {args.dtype}, τ = {args.temperature}, fused chunk size {args.chunk_size}; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. One forward + backward per case, each in its own process"
+        f" ({args.warmup} warm-up call{'s' if args.warmup != 1 else ''} first).",
+        "",
+        f"Floor (the four matmuls alone): {floor['seconds']:.2f} s, peak {floor['peak_gib']:.2f} GiB above the inputs.",
+        "",
+        "| case | time (s) | time / floor | peak above floor (GiB) | extra peak / naive FKL's |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        if result["case"] == "floor":
+            continue
+        if "error" in result:
+            lines.append(f"| {result['case']} | {result['error']} | | | |")
+            continue
+        extra = result["peak_gib"] - floor["peak_gib"]
+        versus_naive = f"{extra / naive_extra:.2f}" if naive_extra else ""
+        lines.append(
+            f"| {result['case']} | {result['seconds']:.2f} | {result['seconds'] / floor['seconds']:.2f} | "
+            f"{extra:+.2f} | {versus_naive} |"
+        )
+    lines += [
+        "",
+        "eager: materialised logits, autograd through the divergence; fused: "
+        "`losses.fused_linear_divergence`; compiled: the same with `compile=True` (the first, "
+        "warm-up call compiles). Peak memory is the process's resident high-water mark "
+        "(CPU) or the allocator's peak (GPU) above the inputs, minus the floor's.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--student-hidden", type=int, default=896)
+    parser.add_argument("--teacher-hidden", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed calls before the timed one (compiled cases and Liger get 1)")
+    parser.add_argument("--cases", nargs="*", help="default: floor, every divergence eager/fused/compiled, the peers")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/loss_bench_{cpu,gpu}.md")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+    if args.measure:
+        if args.measure.startswith(("compiled:", "liger:")):  # torch.compile: the warm-up call compiles
+            args.warmup = max(args.warmup, 1)
+        print(json.dumps(measure(args.measure, args)))
+        return
+
+    from kd_lightning import losses
+
+    cases = args.cases or [
+        "floor",
+        *[f"{kind}:{name}" for name in losses.available() for kind in ("eager", "fused", "compiled")],
+        "liger:jsd",
+        "trl:jsd",
+        "torchtune:fkl",
+    ]
+    results = []
+    for case in cases:
+        command = [sys.executable, __file__, "--measure", case] + [
+            item for key, value in vars(args).items()
+            if key not in ("measure", "cases", "out") and value is not None
+            for item in (f"--{key.replace('_', '-')}", str(value))
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else {"case": case, "error": f"failed: {done.stderr.strip()[-200:]}"}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    out = args.out or RESULTS / f"loss_bench_{'gpu' if args.device == 'cuda' else 'cpu'}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table(results, args))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
