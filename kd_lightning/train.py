@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -37,8 +38,9 @@ def fit(cfg: DictConfig) -> L.Trainer:
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if trainer.checkpoint_callback is not None:
-        log.info("checkpoint: %s", trainer.checkpoint_callback.last_model_path)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:  # with spawned processes only the directory is known here
+        log.info("checkpoint: %s", checkpoint.last_model_path or Path(checkpoint.dirpath) / "last.ckpt")
     for logger in trainer.loggers:
         log.info("metrics: %s", logger.log_dir or logger.save_dir)
     return trainer

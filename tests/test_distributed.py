@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from kd_lightning import DistillationModule
+from kd_lightning import DistillationModule, InstructionDataModule
 from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, TokenPolicy
 from kd_lightning.models import tiny_causal_lm
 
@@ -58,3 +58,46 @@ def test_policies_decide_on_the_global_batch(datamodule, tmp_path):
         tau = torch.tensor([value for rank in ranks for value in rank["tau"]])
         expected = torch.exp(-0.5 * torch.tanh(torch.log(difficulty / difficulty[keep].quantile(0.5))))
         torch.testing.assert_close(tau[keep], expected[keep])
+
+
+class FirstFourExamples(InstructionDataModule):
+    """One global batch of examples 0-3: whole on one process, 0, 2 and 1, 3 on two."""
+
+    def train_dataloader(self):
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        return self.loader(self.train_set.select(range(rank, 4, world_size)), shuffle=False)
+
+
+def test_two_ranks_equal_one_rank_on_the_same_global_batch(tokenizer, records):
+    """Loss and update of a 2-process step equal those of 1 process on the same 4 examples
+    (the mean over the global batch's tokens, not a mean of per-rank means)."""
+    from functools import partial
+
+    def one_step(devices):
+        datamodule = FirstFourExamples(tokenizer, dataset=records, max_length=256, val_size=4, batch_size=4 // devices)
+        module = DistillationModule(
+            student=tiny_causal_lm(seed=2),
+            teacher=tiny_causal_lm(num_layers=2, initializer_range=0.3, seed=1),
+            optimizer=partial(torch.optim.SGD, lr=1.0),
+            lr_scheduler="constant",
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, datamodule)
+        return trainer.callback_metrics["train/loss"], [p.detach().clone() for p in module.student.parameters()]
+
+    single_loss, single_weights = one_step(1)
+    double_loss, double_weights = one_step(2)
+    torch.testing.assert_close(double_loss, single_loss)
+    for double, single in zip(double_weights, single_weights):
+        torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)

@@ -152,3 +152,18 @@ def test_adakd_run_moves_the_ratio_after_warmup(tmp_path):
     assert min(ratios) < 1.0
     for metric in ("selection/ema_loss", "selection/kept_tokens", "temperature/mean"):
         assert any(row.get(metric) for row in rows)
+
+
+def test_ddp_run_and_resume_from_the_command_line(tmp_path):
+    """`trainer=ddp` spawns 2 CPU processes inside the job; its checkpoint resumes."""
+    out = tmp_path / "OUT"
+    first = kd_train("model=tiny", "trainer=ddp", "trainer.devices=2", "trainer.max_steps=2", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2 and not [key for key in checkpoint["state_dict"] if "teacher" in key]
+    resumed = kd_train(
+        "model=tiny", "trainer=ddp", "trainer.devices=2", "trainer.max_steps=4", "ckpt_path=last", f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

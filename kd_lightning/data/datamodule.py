@@ -100,6 +100,7 @@ class InstructionDataModule(L.LightningDataModule):
         max_train_examples: use at most this many training examples (``None``: all).
         batch_size: examples per batch (per process); padded to the batch's longest.
         seed: the shuffle that picks the validation and training examples.
+        shuffle: reshuffle the training examples every epoch.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         if max_length < 2:
@@ -121,7 +123,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.path = resolve_data_path(path) if dataset is None else None  # a bad path fails before any model loads
         self.max_length, self.val_size, self.max_train_examples = max_length, val_size, max_train_examples
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.tokenizer.padding_side = "right"  # training pads on the right; generation sets its own side
@@ -161,7 +163,7 @@ class InstructionDataModule(L.LightningDataModule):
         return kept.remove_columns("truncated").with_format("python")
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=True)
+        return self.loader(self.train_set, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, shuffle=False)
