@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 from pathlib import Path
 
 import torch
@@ -189,3 +190,18 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                 "kd_lightning computes logits as lm_head(hidden) and does not support it yet"
             )
     return model.base_model, model.get_output_embeddings()
+
+
+def last_hidden_state(model: nn.Module, model_inputs: dict) -> torch.Tensor:
+    """The final (normed) hidden states ``[B, T, H]`` of a causal LM, from its own forward
+    pass (so that FSDP's hooks gather its parameters), with logits for one position only."""
+    captured = {}
+    handle = model.base_model.register_forward_hook(
+        lambda module, args, output: captured.update(hidden=output.last_hidden_state)
+    )
+    try:
+        keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        model(**model_inputs, **keep_one)
+    finally:
+        handle.remove()
+    return captured["hidden"]

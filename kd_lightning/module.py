@@ -13,12 +13,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from kd_lightning import losses
 from kd_lightning.losses.base import check_temperature
 from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
-from kd_lightning.models import body_and_head
+from kd_lightning.models import body_and_head, decoder_layers, last_hidden_state
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
 
@@ -158,12 +160,21 @@ class DistillationModule(L.LightningModule):
         return teacher.requires_grad_(False).eval()
 
     def configure_model(self) -> None:
-        """Build the models given as factories (once; Lightning calls this before fit)."""
+        """Build the models given as factories (once; Lightning calls this before fit) and,
+        under FSDP (a device mesh from ModelParallelStrategy), shard teacher and student
+        with ``fully_shard`` per decoder layer, then the rest of each model: the frozen
+        teacher is never gathered whole on one rank."""
         if self.teacher_factory is not None and not hasattr(self, "teacher"):
             self.teacher = self.frozen(self.teacher_factory())
         if self.student_factory is not None and not hasattr(self, "student"):
             wants_teacher = "teacher" in inspect.signature(self.student_factory).parameters
             self.student = self.student_factory(teacher=self.teacher) if wants_teacher else self.student_factory()
+        if self._device_mesh is not None and not isinstance(self.student, FSDPModule):
+            mesh = self._device_mesh["data_parallel"]
+            for model in (self.teacher, self.student):
+                for layer in decoder_layers(model):
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student's mode; the teacher stays in eval mode (no dropout)."""
@@ -183,9 +194,9 @@ class DistillationModule(L.LightningModule):
         labels = batch["labels"][:, 1:]
         counted = labels != -100
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        student_hidden = body_and_head(self.student)[0](**model_inputs).last_hidden_state[:, :-1][counted]
+        student_hidden = last_hidden_state(self.student, model_inputs)[:, :-1][counted]
         with torch.no_grad():
-            teacher_hidden = body_and_head(self.teacher)[0](**model_inputs).last_hidden_state[:, :-1][counted]
+            teacher_hidden = last_hidden_state(self.teacher, model_inputs)[:, :-1][counted]
         return student_hidden, teacher_hidden, labels[counted]
 
     def logits(self, role: str, hidden: Tensor) -> Tensor:
@@ -220,7 +231,8 @@ class DistillationModule(L.LightningModule):
         heads = [body_and_head(model)[1] for model in (self.student, self.teacher)]
         if not all(isinstance(head, nn.Linear) and head.bias is None for head in heads):
             return None
-        weights = [head.weight for head in heads]
+        # under FSDP the weights are sharded between forward passes: gather them for the loss
+        weights = [head.weight.full_tensor() if isinstance(head.weight, DTensor) else head.weight for head in heads]
         if self.vocab_size is not None:
             weights = [weight[: self.tokenizer_rows(role, len(weight))] for role, weight in zip(("student", "teacher"), weights)]
         return weights[0], weights[1]

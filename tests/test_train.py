@@ -167,3 +167,22 @@ def test_ddp_run_and_resume_from_the_command_line(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+
+
+def test_fsdp_run_and_resume_from_the_command_line(tmp_path):
+    """`trainer=fsdp`: FSDP2 over 2 CPU processes (gloo); the distributed checkpoint holds
+    no teacher shard and resumes."""
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "OUT"
+    common = ("model=tiny", "trainer=fsdp", "trainer.devices=2", f"hydra.run.dir={out}")
+    first = kd_train(*common, "trainer.max_steps=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    keys = list(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert any(key.startswith("state_dict.student.") for key in keys) and not [key for key in keys if "teacher" in key]
+    assert torch.load(checkpoint / "meta.pt", weights_only=False)["global_step"] == 2
+    resumed = kd_train(*common, "trainer.max_steps=4", "ckpt_path=last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert torch.load(checkpoint / "meta.pt", weights_only=False)["global_step"] == 4
