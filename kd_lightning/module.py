@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
@@ -23,6 +23,7 @@ from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
 from kd_lightning.models import body_and_head, decoder_layers, last_hidden_state
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
+TEACHER_PLACEMENTS = ("sharded", "replicated", "offloaded")
 
 
 @dataclass
@@ -90,6 +91,12 @@ class DistillationModule(L.LightningModule):
             intermediate (256 × 151,936 × 4 B = 156 MB).
         compile_loss: fuse each chunk's passes over the vocabulary with ``torch.compile``
             (several times less elementwise work; the first step compiles).
+        teacher_placement: under FSDP, ``sharded`` (default: per decoder layer, like the
+            student), ``replicated`` (a whole copy per process: no gathers, most memory)
+            or ``offloaded`` (sharded, and kept in CPU memory between uses; on CPU runs
+            the same as ``sharded``).
+        gradient_checkpointing: recompute the student's activations in the backward pass
+            (Hugging Face gradient checkpointing): less memory, about a third more compute.
 
     The teacher is frozen, kept in eval mode and run under ``torch.no_grad``; the
     optimizer sees only the student; ``state_dict`` and checkpoints hold no teacher weights.
@@ -111,10 +118,14 @@ class DistillationModule(L.LightningModule):
         loss_impl: str = "fused",
         chunk_size: int = 256,
         compile_loss: bool = False,
+        teacher_placement: str = "sharded",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if loss_impl not in ("fused", "eager"):
             raise ValueError(f"loss_impl must be 'fused' or 'eager', got {loss_impl!r}")
+        if teacher_placement not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher_placement must be one of {', '.join(TEACHER_PLACEMENTS)}, got {teacher_placement!r}")
         if isinstance(divergence, str):
             divergence = losses.get(divergence, **(divergence_kwargs or {}))
         elif divergence_kwargs:
@@ -128,6 +139,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
         self.loss_impl, self.chunk_size, self.compile_loss = loss_impl, chunk_size, compile_loss
+        self.teacher_placement, self.gradient_checkpointing = teacher_placement, gradient_checkpointing
         self.save_hyperparameters(
             {
                 "divergence": divergence.name,
@@ -138,6 +150,7 @@ class DistillationModule(L.LightningModule):
                 "lr_scheduler": lr_scheduler,
                 "warmup_ratio": warmup_ratio,
                 "loss_impl": loss_impl,
+                "teacher_placement": teacher_placement,
             }
         )
         self.teacher_factory = self.student_factory = None
@@ -169,12 +182,20 @@ class DistillationModule(L.LightningModule):
         if self.student_factory is not None and not hasattr(self, "student"):
             wants_teacher = "teacher" in inspect.signature(self.student_factory).parameters
             self.student = self.student_factory(teacher=self.teacher) if wants_teacher else self.student_factory()
+        if self.gradient_checkpointing and not self.student.is_gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
         if self._device_mesh is not None and not isinstance(self.student, FSDPModule):
             mesh = self._device_mesh["data_parallel"]
-            for model in (self.teacher, self.student):
+            sharded = {"student": {}}
+            if self.teacher_placement != "replicated":
+                # offloading is to CPU memory: on a CPU run there is nothing to offload
+                offload = self.teacher_placement == "offloaded" and self._device_mesh.device_type != "cpu"
+                sharded["teacher"] = {"offload_policy": CPUOffloadPolicy()} if offload else {}
+            for role, options in sharded.items():
+                model = getattr(self, role)
                 for layer in decoder_layers(model):
-                    fully_shard(layer, mesh=mesh)
-                fully_shard(model, mesh=mesh)
+                    fully_shard(layer, mesh=mesh, **options)
+                fully_shard(model, mesh=mesh, **options)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student's mode; the teacher stays in eval mode (no dropout)."""

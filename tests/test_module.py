@@ -221,3 +221,19 @@ def test_fused_path_falls_back_to_eager_where_it_cannot_apply(batch):
     assert make_module(loss_impl="eager").fused_head_weights() is None
     with pytest.raises(ValueError, match="loss_impl"):
         make_module(loss_impl="triton")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(batch):
+    plain, checkpointed = make_module(), make_module(gradient_checkpointing=True)
+    checkpointed.configure_model()
+    assert checkpointed.student.is_gradient_checkpointing and not plain.student.is_gradient_checkpointing
+    for module in (plain, checkpointed):
+        module.train()
+        module.training_step(batch, 0)["loss"].backward()
+    for a, b in zip(plain.student.parameters(), checkpointed.student.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_unknown_teacher_placement_is_named():
+    with pytest.raises(ValueError, match="sharded, replicated, offloaded"):
+        make_module(teacher_placement="gpu")

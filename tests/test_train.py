@@ -186,3 +186,23 @@ def test_fsdp_run_and_resume_from_the_command_line(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states" in resumed.stdout + resumed.stderr
     assert torch.load(checkpoint / "meta.pt", weights_only=False)["global_step"] == 4
+
+
+@pytest.mark.parametrize("placement", ["replicated", "offloaded"])
+def test_fsdp_teacher_placements(placement, tmp_path):
+    out = tmp_path / "OUT"
+    run = kd_train(
+        "model=tiny", "trainer=fsdp", "trainer.max_steps=1", f"module.teacher_placement={placement}",
+        f"hydra.run.dir={out}", cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+
+
+def test_multirun_with_spawned_processes(tmp_path):
+    run = kd_train(
+        "-m", "model=tiny", "trainer=ddp", "trainer.max_steps=1", "temperature=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list((tmp_path / "sweep").glob("*/checkpoints/last.ckpt"))) == 2
