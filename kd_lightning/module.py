@@ -49,6 +49,13 @@ class TokenBatch:
         return self._difficulty
 
 
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters held by this process (its shards, under FSDP)."""
+    return sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters()
+    )
+
+
 def _drop_teacher_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """The frozen teacher is rebuilt from its source, never saved with the student."""
     for key in [key for key in state_dict if key.startswith(prefix + "teacher.")]:
@@ -206,6 +213,16 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.student.train()  # Hugging Face models load in eval mode
+
+    def on_train_start(self) -> None:
+        """Log the parameter memory each process holds (shards under FSDP)."""
+        sizes = {role: local_parameter_bytes(getattr(self, role)) / 2**20 for role in ("teacher", "student")}
+        # printed, not logged: spawned processes do not inherit Hydra's logging set-up
+        print(
+            f"process {self.global_rank} of {self.world_size()} holds {sizes['teacher']:.1f} MiB of teacher "
+            f"and {sizes['student']:.1f} MiB of student parameters",
+            flush=True,
+        )
 
     # -------------------------------------------------------------------- loss
     def counted_hidden_states(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
