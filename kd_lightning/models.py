@@ -175,8 +175,8 @@ def check_same_tokenizer(student_tokenizer: PreTrainedTokenizerBase, teacher_tok
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder (returning ``last_hidden_state``) and the lm_head of a causal LM.
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output layer of a causal LM, whose input is ``last_hidden_state``.
 
     The distillation loss computes logits from hidden states itself, for the counted
     (and kept) tokens only; models that transform logits after lm_head are refused
@@ -189,7 +189,7 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                 f"{type(model).__name__} transforms its logits after lm_head ({key}={value}); "
                 "kd_lightning computes logits as lm_head(hidden) and does not support it yet"
             )
-    return model.base_model, model.get_output_embeddings()
+    return model.get_output_embeddings()
 
 
 def last_hidden_state(model: nn.Module, model_inputs: dict) -> torch.Tensor:

@@ -20,7 +20,7 @@ from transformers import get_scheduler
 from kd_lightning import losses
 from kd_lightning.losses.base import check_temperature
 from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
-from kd_lightning.models import body_and_head, decoder_layers, last_hidden_state
+from kd_lightning.models import decoder_layers, last_hidden_state, lm_head
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
 TEACHER_PLACEMENTS = ("sharded", "replicated", "offloaded")
@@ -240,7 +240,7 @@ class DistillationModule(L.LightningModule):
     def logits(self, role: str, hidden: Tensor) -> Tensor:
         """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding
         beyond the tokenizer carries no token (e.g. 151,936 vs 152,064 rows)."""
-        logits = body_and_head(getattr(self, role))[1](hidden)
+        logits = lm_head(getattr(self, role))(hidden)
         return logits if self.vocab_size is None else logits[:, : self.tokenizer_rows(role, logits.shape[-1])]
 
     def tokenizer_rows(self, role: str, rows: int) -> int:
@@ -266,7 +266,7 @@ class DistillationModule(L.LightningModule):
         when the fused loss applies; ``None`` for the eager path."""
         if self.loss_impl != "fused" or self.ce_weight > 0:
             return None
-        heads = [body_and_head(model)[1] for model in (self.student, self.teacher)]
+        heads = [lm_head(model) for model in (self.student, self.teacher)]
         if not all(isinstance(head, nn.Linear) and head.bias is None for head in heads):
             return None
         # under FSDP the weights are sharded between forward passes: gather them for the loss

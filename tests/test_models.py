@@ -73,3 +73,13 @@ def test_different_tokenizers_are_refused(tokenizer):
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizers differ.*259.*260"):
         check_same_tokenizer(tokenizer, other)
+
+
+def test_models_that_transform_logits_after_lm_head_are_refused():
+    from kd_lightning.models import lm_head
+
+    model = tiny_causal_lm()
+    assert lm_head(model) is model.lm_head
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        lm_head(model)
