@@ -1,0 +1,186 @@
+"""ROUGE-L by generation on the shipped Dolly, Self-Instruct and Vicuna test sets.
+
+As in the distillation papers: the model answers each instruction (sampling with top-p
+1.0 and temperature 1.0 over several seeds, or greedily), and its answer is scored
+against the reference with ROUGE-L (F-measure × 100, Porter stemming).
+
+    kd-eval outputs/DATE/TIME                       # the run's student, 3 sets, seeds 1-3
+    kd-eval outputs/DATE/TIME --role teacher --greedy --num-examples 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from rouge_score import rouge_scorer
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
+from kd_lightning.module import DistillationModule
+
+log = logging.getLogger(__name__)
+
+EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
+ROLES = ("student", "teacher", "student-init")
+CSV_COLUMNS = ("divergence", "temperature", "selection", "role", "seed", "dataset", "rouge_l")
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of ``prediction`` against ``reference``, × 100."""
+    return 100 * _SCORER.score(reference, prediction)["rougeL"].fmeasure
+
+
+def eval_records(name: str, num_examples: int | None = None) -> list[dict]:
+    """The first ``num_examples`` records of a shipped evaluation set (or JSON Lines file)."""
+    records = load_json_lines(resolve_data_path(name))
+    if len(records) == 0:
+        raise ValueError(f"the evaluation set {name} is empty")
+    return records.select(range(min(len(records), num_examples or len(records)))).to_list()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    do_sample: bool = True,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> list[str]:
+    """Answers to ``prompts``, in batches with left padding and a KV cache, without the prompt."""
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    answers = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(next(model.parameters()).device)
+            sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature, "top_k": 0} if do_sample else {
+                "do_sample": False
+            }
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    return [answer.strip() for answer in answers]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: str,
+    num_examples: int | None = None,
+    seed: int | None = 1,
+    progress: bool = True,
+    **generation,
+) -> float:
+    """Mean ROUGE-L of ``model`` on ``dataset``; ``seed=None`` generates greedily."""
+    records = eval_records(dataset, num_examples)
+    prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
+    if seed is not None:
+        L.seed_everything(seed, verbose=False)
+    answers = generate(model, tokenizer, prompts, do_sample=seed is not None, progress=progress, **generation)
+    return sum(rouge_l(answer, record["output"]) for answer, record in zip(answers, records)) / len(records)
+
+
+class RougeEvaluation(L.Callback):
+    """Every ``every_n_steps`` training steps, the student answers the first
+    ``num_examples`` instructions of each set greedily; logs ``eval/rougeL/<set>``."""
+
+    def __init__(self, every_n_steps: int = 100, datasets=EVAL_SETS, num_examples: int = 20, max_new_tokens: int = 64):
+        self.every_n_steps, self.datasets = every_n_steps, list(datasets)
+        self.num_examples, self.max_new_tokens = num_examples, max_new_tokens
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps or trainer.global_step == 0:
+            return
+        tokenizer = trainer.datamodule.tokenizer
+        for dataset in self.datasets:
+            score = evaluate(
+                pl_module.student, tokenizer, dataset, self.num_examples, seed=None, progress=False,
+                max_new_tokens=self.max_new_tokens,
+            )
+            pl_module.log(f"eval/rougeL/{dataset}", score, rank_zero_only=True)
+
+
+def load_run(path: Path, role: str):
+    """The tokenizer, the model of ``role`` and the run's config from a run directory or a
+    checkpoint in it (``RUN/checkpoints/*.ckpt``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    run_dir = path if path.is_dir() and (path / ".hydra").is_dir() else path.parent.parent
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no run configuration at {config_file}: give a kd-train run directory or its checkpoint")
+    cfg = OmegaConf.load(config_file)
+    checkpoint = path if path.suffix == ".ckpt" else run_dir / "checkpoints" / "last.ckpt"
+    module = DistillationModule(student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher))
+    module.configure_model()
+    if role == "student":
+        if checkpoint.is_dir():
+            raise ValueError(f"{checkpoint} is a distributed (FSDP) checkpoint; evaluate a single-file checkpoint")
+        module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    model = module.teacher if role == "teacher" else module.student
+    return instantiate(cfg.model.tokenizer), model, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a kd-train run directory, or a checkpoint inside one")
+    parser.add_argument("--role", choices=ROLES, default="student", help="student-init: the student before distillation")
+    parser.add_argument("--datasets", nargs="+", default=list(EVAL_SETS))
+    parser.add_argument("--num-examples", type=int, default=None, help="default: the whole set")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (one row per set)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="CSV to append rows to (default: RUN/rouge.csv)")
+    args = parser.parse_args(argv)
+
+    tokenizer, model, cfg = load_run(args.run, args.role)
+    selection = "+".join(cfg.selection) or "none"
+    out = args.out or (args.run if args.run.is_dir() else args.run.parent.parent) / "rouge.csv"
+    new_file = not out.is_file()
+    with out.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for dataset in args.datasets:
+            for seed in [None] if args.greedy else args.seeds:
+                score = evaluate(
+                    model, tokenizer, dataset, args.num_examples, seed,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                )
+                row = {
+                    "divergence": cfg.divergence.name, "temperature": cfg.temperature, "selection": selection,
+                    "role": args.role, "seed": "greedy" if seed is None else seed, "dataset": dataset, "rouge_l": f"{score:.2f}",
+                }
+                writer.writerow(row)
+                print(f"{dataset} seed={row['seed']}: ROUGE-L {score:.2f}", flush=True)
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""ROUGE-L evaluation by generation: the metric, kd-eval, the periodic callback."""
+
+import csv
+
+import pytest
+
+from kd_lightning.evaluation import eval_records, main, rouge_l
+from kd_lightning.train import fit
+from test_train import TINY, compose_config
+
+
+def test_rouge_l_of_known_pairs():
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(100 * 5 / 6)
+    assert rouge_l("identical words", "identical words") == 100
+    assert rouge_l("nothing shared", "other tokens") == 0
+    assert rouge_l("cats running", "cat runs") == 100  # Porter stemming
+
+
+def test_shipped_evaluation_sets():
+    assert [len(eval_records(name)) for name in ("dolly-test", "self-inst", "vicuna")] == [1000, 242, 80]
+    assert len(eval_records("vicuna", 3)) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from omegaconf import OmegaConf
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(out, *TINY, "callbacks=rouge", "callbacks.rouge_evaluation.every_n_steps=2",
+                         "callbacks.rouge_evaluation.num_examples=2", "callbacks.rouge_evaluation.max_new_tokens=4")
+    fit(cfg)
+    (out / ".hydra").mkdir()
+    OmegaConf.save({key: value for key, value in cfg.items() if key != "hydra"}, out / ".hydra" / "config.yaml")  # as kd-train does
+    return out
+
+
+def test_kd_eval_on_a_tiny_run(tiny_run, capsys):
+    main([str(tiny_run), "--num-examples", "3", "--datasets", "dolly-test", "vicuna", "--seeds", "1", "2", "--max-new-tokens", "8"])
+    main([str(tiny_run / "checkpoints" / "last.ckpt"), "--role", "teacher", "--num-examples", "3", "--datasets", "vicuna", "--greedy"])
+    rows = list(csv.DictReader((tiny_run / "rouge.csv").open()))
+    assert [(row["role"], row["dataset"], row["seed"]) for row in rows] == [
+        ("student", "dolly-test", "1"), ("student", "dolly-test", "2"), ("student", "vicuna", "1"), ("student", "vicuna", "2"),
+        ("teacher", "vicuna", "greedy"),
+    ]
+    assert all(row["divergence"] == "fkl" and 0 <= float(row["rouge_l"]) <= 100 for row in rows)
+    assert "ROUGE-L" in capsys.readouterr().out
+
+
+def test_callback_logs_rouge_per_set(tiny_run):
+    header = (tiny_run / "metrics.csv").read_text().splitlines()[0]
+    for name in ("dolly-test", "self-inst", "vicuna"):
+        assert f"eval/rougeL/{name}" in header
+
+
+def test_kd_eval_names_a_missing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run configuration"):
+        main([str(tmp_path)])
