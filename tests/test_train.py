@@ -206,3 +206,13 @@ def test_multirun_with_spawned_processes(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(list((tmp_path / "sweep").glob("*/checkpoints/last.ckpt"))) == 2
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_config(tmp_path, *TINY, "logger=wandb", "divergence=rkl", "temperature=2", "experiment=adakd")
+    assert cfg.logger.wandb.group == "adakd" and cfg.logger.wandb.name == "rkl-tau2"
+    trainer = fit(cfg)
+    trainer.loggers[0].experiment.finish()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
