@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 from pathlib import Path
 
 import lightning as L
@@ -24,8 +23,6 @@ from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
 from kd_lightning.module import DistillationModule
-
-log = logging.getLogger(__name__)
 
 EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
 ROLES = ("student", "teacher", "student-init")

@@ -37,10 +37,11 @@ def tiny_run(tmp_path_factory):
 def test_kd_eval_on_a_tiny_run(tiny_run, capsys):
     main([str(tiny_run), "--num-examples", "3", "--datasets", "dolly-test", "vicuna", "--seeds", "1", "2", "--max-new-tokens", "8"])
     main([str(tiny_run / "checkpoints" / "last.ckpt"), "--role", "teacher", "--num-examples", "3", "--datasets", "vicuna", "--greedy"])
+    main([str(tiny_run), "--role", "student-init", "--num-examples", "3", "--datasets", "vicuna", "--greedy"])
     rows = list(csv.DictReader((tiny_run / "rouge.csv").open()))
     assert [(row["role"], row["dataset"], row["seed"]) for row in rows] == [
         ("student", "dolly-test", "1"), ("student", "dolly-test", "2"), ("student", "vicuna", "1"), ("student", "vicuna", "2"),
-        ("teacher", "vicuna", "greedy"),
+        ("teacher", "vicuna", "greedy"), ("student-init", "vicuna", "greedy"),
     ]
     assert all(row["divergence"] == "fkl" and 0 <= float(row["rouge_l"]) <= 100 for row in rows)
     assert "ROUGE-L" in capsys.readouterr().out

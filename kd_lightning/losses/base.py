@@ -117,11 +117,16 @@ class Divergence(nn.Module):
         check_vocabularies(student_logits, teacher_logits)
         check_temperature(temperature)
         dtype = compute_dtype(student_logits, teacher_logits)
-        divergence = self.token_divergence(
-            tempered_log_probs(student_logits, temperature, dtype),
-            tempered_log_probs(teacher_logits, temperature, dtype),
+        return self.nonnegative(
+            self.token_divergence(
+                tempered_log_probs(student_logits, temperature, dtype),
+                tempered_log_probs(teacher_logits, temperature, dtype),
+            )
         )
-        return divergence.clamp_min(0) if self.clamp_at_zero else divergence
+
+    def nonnegative(self, values: Tensor) -> Tensor:
+        """``values`` clamped at 0 where rounding could make a divergence negative."""
+        return values.clamp_min(0) if self.clamp_at_zero else values
 
     def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -134,8 +139,7 @@ class Divergence(nn.Module):
     def value_and_logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
         """D (clamped like ``forward``) and ``∂D/∂(z/τ)`` together; divergences whose two
         share costly terms override it."""
-        values = self.token_divergence(student_log_probs, teacher_log_probs)
-        values = values.clamp_min(0) if self.clamp_at_zero else values
+        values = self.nonnegative(self.token_divergence(student_log_probs, teacher_log_probs))
         return values, self.logit_gradient(student_log_probs, teacher_log_probs)
 
     def extra_repr(self) -> str:

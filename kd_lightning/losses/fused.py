@@ -71,8 +71,7 @@ def chunk_step(
     student_log_probs = torch.log_softmax(student_logits, -1)
     teacher_log_probs = torch.log_softmax(teacher_logits, -1)
     if gradient_scale is None:
-        values = divergence.token_divergence(student_log_probs, teacher_log_probs)
-        return (values.clamp_min(0) if divergence.clamp_at_zero else values), None
+        return divergence.nonnegative(divergence.token_divergence(student_log_probs, teacher_log_probs)), None
     values, gradient = divergence.value_and_logit_gradient(student_log_probs, teacher_log_probs)
     return values, gradient * gradient_scale.unsqueeze(-1)
 
@@ -132,7 +131,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream, _cross_entropy_upstream):
-        weights, (divergence, student_hidden, student_weight, *_) = ctx.weights, ctx.inputs
+        weights, (_, student_hidden, student_weight, *_) = ctx.weights, ctx.inputs
         weighted = weights != 0
         scale = upstream[weighted][:1] / weights[weighted][:1] if weighted.any() else upstream.new_zeros(1)
         if torch.allclose(upstream, scale * weights, rtol=1e-6, atol=0):

@@ -130,7 +130,7 @@ class AdaptiveKL(Divergence):
         forward = (teacher_probs * torch.where(teacher_probs > 0, -log_ratio, 0.0)).sum(-1)
         reverse_terms = torch.where(student_probs > 0, log_ratio, 0.0)
         reverse = (student_probs * reverse_terms).sum(-1)
-        values = (head_weight * forward + (1 - head_weight) * reverse).clamp_min(0)
+        values = self.nonnegative(head_weight * forward + (1 - head_weight) * reverse)
         head_weight = head_weight.unsqueeze(-1)
         gradient = head_weight * (student_probs - teacher_probs) + (1 - head_weight) * student_probs * (
             reverse_terms - reverse.unsqueeze(-1)
