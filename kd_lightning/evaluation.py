@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
+from kd_lightning.generation import sample_continuations
 from kd_lightning.module import DistillationModule
 
 EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
 ROLES = ("student", "teacher", "student-init")
-CSV_COLUMNS = ("divergence", "temperature", "selection", "role", "seed", "dataset", "rouge_l")
+CSV_COLUMNS = ("divergence", "temperature", "selection", "seed", "dataset", "rouge_l", "decoding")
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -43,42 +44,27 @@ def eval_records(name: str, num_examples: int | None = None) -> list[dict]:
     return records.select(range(min(len(records), num_examples or len(records)))).to_list()
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    do_sample: bool = True,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
     progress: bool = True,
+    **sampling,
 ) -> list[str]:
-    """Answers to ``prompts``, in batches with left padding and a KV cache, without the prompt."""
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    """Answers to ``prompts``, generated in batches (``generation.sample_continuations``:
+    left padding, KV cache; ``sampling``: do_sample, top_p, temperature), without the prompt."""
     answers = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = batch.to(next(model.parameters()).device)
-            sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature, "top_k": 0} if do_sample else {
-                "do_sample": False
-            }
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
+        encoded = [
+            torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            for prompt in prompts[start : start + batch_size]
+        ]
+        continuations = sample_continuations(
+            model, encoded, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, **sampling
+        )
+        answers += tokenizer.batch_decode(continuations, skip_special_tokens=True)
     return [answer.strip() for answer in answers]
 
 
@@ -143,6 +129,18 @@ def load_run(path: Path, role: str):
     return instantiate(cfg.model.tokenizer), model, cfg
 
 
+def describe_run(cfg, role: str) -> dict:
+    """The result-table fields of a run: its divergence, τ, token selection and training
+    seed. Baselines name themselves in the divergence column and have no τ: ``teacher``,
+    ``student-init`` (before distillation) and ``ce`` (trained with cross-entropy only)."""
+    selection = "+".join(cfg.selection) or "none"
+    if role != "student":
+        return {"divergence": role, "temperature": "", "selection": "none", "seed": cfg.seed}
+    if cfg.module.ce_weight == 1:
+        return {"divergence": "ce", "temperature": "", "selection": selection, "seed": cfg.seed}
+    return {"divergence": cfg.divergence.name, "temperature": cfg.temperature, "selection": selection, "seed": cfg.seed}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a kd-train run directory, or a checkpoint inside one")
@@ -157,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     tokenizer, model, cfg = load_run(args.run, args.role)
-    selection = "+".join(cfg.selection) or "none"
     out = args.out or (args.run if args.run.is_dir() else args.run.parent.parent) / "rouge.csv"
     new_file = not out.is_file()
     with out.open("a", newline="") as handle:
@@ -170,12 +167,9 @@ def main(argv: list[str] | None = None) -> None:
                     model, tokenizer, dataset, args.num_examples, seed,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                 )
-                row = {
-                    "divergence": cfg.divergence.name, "temperature": cfg.temperature, "selection": selection,
-                    "role": args.role, "seed": "greedy" if seed is None else seed, "dataset": dataset, "rouge_l": f"{score:.2f}",
-                }
-                writer.writerow(row)
-                print(f"{dataset} seed={row['seed']}: ROUGE-L {score:.2f}", flush=True)
+                decoding = "greedy" if seed is None else f"sampling seed {seed}"
+                writer.writerow({**describe_run(cfg, args.role), "dataset": dataset, "rouge_l": f"{score:.2f}", "decoding": decoding})
+                print(f"{dataset} ({decoding}): ROUGE-L {score:.2f}", flush=True)
     print(f"results: {out}")
 
 

@@ -35,12 +35,15 @@ def fit(cfg: DictConfig) -> L.Trainer:
         vocab_size=len(tokenizer),
     )
     callbacks = [instantiate(callback) for callback in (*cfg.callbacks.values(), *cfg.selection.values())]
+    if cfg.policy.callback is not None:
+        callbacks.append(instantiate(cfg.policy.callback))
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None:  # with spawned processes only the directory is known here
-        log.info("checkpoint: %s", checkpoint.last_model_path or Path(checkpoint.dirpath) / "last.ckpt")
+        last = Path(checkpoint.last_model_path or Path(checkpoint.dirpath) / "last.ckpt")
+        log.info("checkpoint: %s", last if last.exists() else "none (no training step)")
     for logger in trainer.loggers:
         log.info("metrics: %s", logger.log_dir or logger.save_dir)
     return trainer

@@ -39,11 +39,12 @@ def test_kd_eval_on_a_tiny_run(tiny_run, capsys):
     main([str(tiny_run / "checkpoints" / "last.ckpt"), "--role", "teacher", "--num-examples", "3", "--datasets", "vicuna", "--greedy"])
     main([str(tiny_run), "--role", "student-init", "--num-examples", "3", "--datasets", "vicuna", "--greedy"])
     rows = list(csv.DictReader((tiny_run / "rouge.csv").open()))
-    assert [(row["role"], row["dataset"], row["seed"]) for row in rows] == [
-        ("student", "dolly-test", "1"), ("student", "dolly-test", "2"), ("student", "vicuna", "1"), ("student", "vicuna", "2"),
-        ("teacher", "vicuna", "greedy"), ("student-init", "vicuna", "greedy"),
+    assert [(row["divergence"], row["temperature"], row["dataset"], row["decoding"]) for row in rows] == [
+        ("fkl", "1.0", "dolly-test", "sampling seed 1"), ("fkl", "1.0", "dolly-test", "sampling seed 2"),
+        ("fkl", "1.0", "vicuna", "sampling seed 1"), ("fkl", "1.0", "vicuna", "sampling seed 2"),
+        ("teacher", "", "vicuna", "greedy"), ("student-init", "", "vicuna", "greedy"),
     ]
-    assert all(row["divergence"] == "fkl" and 0 <= float(row["rouge_l"]) <= 100 for row in rows)
+    assert all(row["seed"] == "0" and row["selection"] == "none" and 0 <= float(row["rouge_l"]) <= 100 for row in rows)
     assert "ROUGE-L" in capsys.readouterr().out
 
 
