@@ -23,10 +23,9 @@ from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
 from kd_lightning.generation import sample_continuations
-from kd_lightning.module import DistillationModule
+from kd_lightning.runs import ROLES, load_run, run_directory
 
 EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
-ROLES = ("student", "teacher", "student-init")
 CSV_COLUMNS = ("divergence", "temperature", "selection", "seed", "dataset", "rouge_l", "decoding")
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -106,29 +105,6 @@ class RougeEvaluation(L.Callback):
             pl_module.log(f"eval/rougeL/{dataset}", score, rank_zero_only=True)
 
 
-def load_run(path: Path, role: str):
-    """The tokenizer, the model of ``role`` and the run's config from a run directory or a
-    checkpoint in it (``RUN/checkpoints/*.ckpt``)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    path = Path(path)
-    run_dir = path if path.is_dir() and (path / ".hydra").is_dir() else path.parent.parent
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no run configuration at {config_file}: give a kd-train run directory or its checkpoint")
-    cfg = OmegaConf.load(config_file)
-    checkpoint = path if path.suffix == ".ckpt" else run_dir / "checkpoints" / "last.ckpt"
-    module = DistillationModule(student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher))
-    module.configure_model()
-    if role == "student":
-        if checkpoint.is_dir():
-            raise ValueError(f"{checkpoint} is a distributed (FSDP) checkpoint; evaluate a single-file checkpoint")
-        module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    model = module.teacher if role == "teacher" else module.student
-    return instantiate(cfg.model.tokenizer), model, cfg
-
-
 def describe_run(cfg, role: str) -> dict:
     """The result-table fields of a run: its divergence, τ, token selection and training
     seed. Baselines name themselves in the divergence column and have no τ: ``teacher``,
@@ -155,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     tokenizer, model, cfg = load_run(args.run, args.role)
-    out = args.out or (args.run if args.run.is_dir() else args.run.parent.parent) / "rouge.csv"
+    out = args.out or run_directory(args.run) / "rouge.csv"
     new_file = not out.is_file()
     with out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

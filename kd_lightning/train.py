@@ -15,6 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd_lightning.export import ExportStudent
 from kd_lightning.models import check_same_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def fit(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(callback) for callback in (*cfg.callbacks.values(), *cfg.selection.values())]
     if cfg.policy.callback is not None:
         callbacks.append(instantiate(cfg.policy.callback))
+    if cfg.export.enabled:
+        callbacks.append(ExportStudent(cfg.export.dir, cfg))
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -1,0 +1,60 @@
+"""A finished ``kd-train`` run: its config, its checkpoints and the models in them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from kd_lightning.module import DistillationModule
+
+ROLES = ("student", "teacher", "student-init")
+
+
+def run_directory(path: Path) -> Path:
+    """The run directory of ``path``: the directory itself, or the run a checkpoint
+    (``RUN/checkpoints/NAME``) belongs to."""
+    path = Path(path)
+    return path if (path / ".hydra").is_dir() else path.parent.parent
+
+
+def run_config(path: Path) -> DictConfig:
+    config_file = run_directory(path) / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no run configuration at {config_file}: give a kd-train run directory or its checkpoint")
+    return OmegaConf.load(config_file)
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The module state dict of a checkpoint: a single file, or the directory of a
+    distributed (FSDP) checkpoint, whose shards are gathered into one state dict."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    if checkpoint.is_dir():
+        with tempfile.TemporaryDirectory() as scratch:
+            dcp_to_torch_save(checkpoint, Path(scratch) / "checkpoint.pt")
+            return torch.load(Path(scratch) / "checkpoint.pt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def load_run(path: Path, role: str = "student") -> tuple:
+    """The tokenizer, the model of ``role`` and the config of a run, from its directory
+    (its ``checkpoints/last.ckpt``) or one of its checkpoints. ``student-init`` is the
+    student as the run built it, before training; the teacher is rebuilt from its source."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    path = Path(path)
+    cfg = run_config(path)
+    module = DistillationModule(student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher))
+    module.configure_model()
+    if role == "student":
+        checkpoint = path if path != run_directory(path) else path / "checkpoints" / "last.ckpt"
+        module.load_state_dict(checkpoint_state(checkpoint))
+    model: nn.Module = module.teacher if role == "teacher" else module.student
+    return instantiate(cfg.model.tokenizer), model, cfg

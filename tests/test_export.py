@@ -1,0 +1,73 @@
+"""kd-export and export.enabled: the student as a Hugging Face model directory."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kd_lightning.export import main
+from kd_lightning.runs import load_run
+from test_train import kd_train
+
+IDS = torch.tensor([[5, 17, 99, 3, 42, 250, 7, 8]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("tiny")
+    out = cwd / "OUT"
+    run = kd_train(
+        "model=tiny", "divergence=rkl", "temperature=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "export.enabled=true", f"hydra.run.dir={out}", cwd=cwd,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_kd_export_loads_back_with_equal_logits(tiny_run, tmp_path, capsys):
+    main([str(tiny_run / "checkpoints" / "last.ckpt"), str(tmp_path / "student")])
+    assert "student exported" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= {
+        path.name for path in (tmp_path / "student").iterdir()
+    }
+    _, trained, _ = load_run(tiny_run)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    torch.testing.assert_close(logits(exported), logits(trained), rtol=0, atol=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    assert tokenizer("hello")["input_ids"] == load_run(tiny_run)[0]("hello")["input_ids"]
+
+
+def test_the_export_callback_writes_the_same_student(tiny_run, tmp_path):
+    main([str(tiny_run), str(tmp_path / "student")])
+    at_end = AutoModelForCausalLM.from_pretrained(tiny_run / "student")
+    later = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    torch.testing.assert_close(logits(at_end), logits(later), rtol=0, atol=0)
+
+
+def test_the_model_card_names_the_run_settings(tiny_run):
+    card = (tiny_run / "student" / "README.md").read_text()
+    for expected in ("| divergence | rkl |", "| temperature τ | 2 (constant) |", "| token selection | none |",
+                     "| steps | 2 × batch 4 per process |", "| data source policy | offline", "val/kd_loss",
+                     "### Instruction:"):
+        assert expected in card
+
+
+def test_export_of_an_fsdp_checkpoint(tmp_path):
+    """Under FSDP the callback gathers the shards; kd-export reads the distributed checkpoint."""
+    out = tmp_path / "OUT"
+    run = kd_train(
+        "model=tiny", "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=1", "export.enabled=true",
+        f"hydra.run.dir={out}", cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt").is_dir()
+    main([str(out), str(tmp_path / "exported")])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    at_end = AutoModelForCausalLM.from_pretrained(out / "student")
+    torch.testing.assert_close(logits(exported), logits(at_end), rtol=0, atol=0)
+    _, initial, _ = load_run(out, "student-init")
+    assert not torch.equal(logits(exported), logits(initial))  # the trained weights, not the initial ones
