@@ -31,4 +31,6 @@ class SpawnedModelParallelStrategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over ``data_parallel_size`` spawned processes."""
 
     def _configure_launcher(self) -> None:
-        self._launcher = _ShardedSpawnLauncher(self, start_method="spawn")
+        """Spawn the processes, unless a cluster (SLURM, torchrun) has started them."""
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _ShardedSpawnLauncher(self, start_method="spawn")

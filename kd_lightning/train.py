@@ -52,9 +52,17 @@ def fit(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
+def optimized_metric(trainer: L.Trainer, name: str) -> float:
+    """The final value of the logged metric ``name``, for a Hydra sweeper."""
+    if name not in trainer.callback_metrics:
+        raise KeyError(f"optimized_metric {name!r} was not logged; logged: {', '.join(sorted(trainer.callback_metrics))}")
+    return float(trainer.callback_metrics[name])
+
+
 @hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    fit(cfg)
+def main(cfg: DictConfig) -> float | None:
+    trainer = fit(cfg)
+    return optimized_metric(trainer, cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":
