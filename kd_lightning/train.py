@@ -53,7 +53,11 @@ def fit(cfg: DictConfig) -> L.Trainer:
 
 
 def optimized_metric(trainer: L.Trainer, name: str) -> float:
-    """The final value of the logged metric ``name``, for a Hydra sweeper."""
+    """The final value of the logged metric ``name``, for a Hydra sweeper; a validation
+    metric that training did not reach (no validation step in a short run) comes from
+    one validation pass over the trained student."""
+    if name not in trainer.callback_metrics and name.startswith("val/"):
+        trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
     if name not in trainer.callback_metrics:
         raise KeyError(f"optimized_metric {name!r} was not logged; logged: {', '.join(sorted(trainer.callback_metrics))}")
     return float(trainer.callback_metrics[name])

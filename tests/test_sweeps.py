@@ -11,7 +11,12 @@ TINY = ("model=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2", "tr
 
 
 def test_hparams_search_runs_optuna_trials(tmp_path):
-    run = kd_train("-m", "hparams_search=tau", *TINY, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'S'}", cwd=tmp_path)
+    """The issue's command: 2 steps, before the tiny model's first validation (step 10),
+    so the objective comes from a validation pass at the end."""
+    run = kd_train(
+        "-m", "hparams_search=tau", "model=tiny", "trainer.max_steps=2", "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path / 'S'}", cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "S" / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"temperature", "divergence.beta", "module.optimizer.lr"}
