@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
+from kd_lightning.data.datamodule import IGNORE_INDEX
 from kd_lightning.generation import sample_continuations
-
-IGNORE_INDEX = -100
 
 
 def split_prompts(batch: dict) -> list[Tensor]:
