@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -133,14 +134,29 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def copy_layers(teacher: nn.Module, every: int = 2) -> nn.Module:
-    """A student that copies the teacher with only every ``every``-th decoder layer
-    (layers 0, k, 2k, …); embeddings, final norm and lm_head are copied whole."""
+def copy_layers(
+    teacher: nn.Module, every: int = 2, layers: Sequence[int] | None = None, dtype: str = "float32"
+) -> nn.Module:
+    """A student that copies the teacher with only some of its decoder layers: every
+    ``every``-th (layers 0, k, 2k, …), or the listed ``layers`` (negative indices count
+    from the end, e.g. ``[0, 1, …, 11, -3, -2, -1]``); embeddings, final norm and lm_head
+    are copied whole. The student's parameters are ``dtype`` whatever the teacher's, so a
+    bfloat16 teacher does not make a bfloat16 student."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    teacher_layers = len(decoder_layers(teacher))
+    if layers is None:
+        indices = list(range(0, teacher_layers, every))
+    else:
+        indices = [index % teacher_layers if -teacher_layers <= index < teacher_layers else None for index in layers]
+        if not indices or None in indices or len(set(indices)) != len(indices):
+            raise ValueError(
+                f"layers must be distinct indices of the teacher's {teacher_layers} decoder layers, got {list(layers)}"
+            )
+        indices = sorted(indices)
     student = copy.deepcopy(teacher)
-    layers = decoder_layers(student)
-    kept = nn.ModuleList(layers[index] for index in range(0, len(layers), every))
+    student_layers = decoder_layers(student)
+    kept = nn.ModuleList(student_layers[index] for index in indices)
     for new_index, layer in enumerate(kept):
         attention = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
         if attention is not None and hasattr(attention, "layer_idx"):
@@ -149,10 +165,12 @@ def copy_layers(teacher: nn.Module, every: int = 2) -> nn.Module:
     setattr(base, "layers" if hasattr(base, "layers") else "h", kept)
     config = student.config
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[index] for index in range(0, len(layers), every)]
+        config.layer_types = [config.layer_types[index] for index in indices]
     for key in ("num_hidden_layers", "n_layer"):
         if hasattr(config, key):
             setattr(config, key, len(kept))
+    student.to(getattr(torch, dtype))
+    student.config.dtype = getattr(torch, dtype)
     student.requires_grad_(True)
     return student
 

@@ -41,6 +41,25 @@ def test_copy_layers_rejects_bad_stride():
         copy_layers(tiny_causal_lm(), every=0)
 
 
+def test_copy_layers_keeps_listed_layers_counting_negatives_from_the_end():
+    teacher = tiny_causal_lm(num_layers=6)
+    student = copy_layers(teacher, layers=[0, 1, -1])
+    assert student.config.num_hidden_layers == 3
+    for new_index, old_index in enumerate((0, 1, 5)):
+        torch.testing.assert_close(
+            next(decoder_layers(student)[new_index].parameters()), next(decoder_layers(teacher)[old_index].parameters())
+        )
+    for bad in ([], [0, 6], [1, -5]):
+        with pytest.raises(ValueError, match="distinct indices of the teacher's 6 decoder layers"):
+            copy_layers(teacher, layers=bad)
+
+
+def test_student_dtype_is_its_own_whatever_the_teacher_dtype():
+    teacher = tiny_causal_lm().to(torch.bfloat16)
+    assert {p.dtype for p in copy_layers(teacher).parameters()} == {torch.float32}
+    assert {p.dtype for p in copy_layers(teacher, dtype="bfloat16").parameters()} == {torch.bfloat16}
+
+
 def test_missing_model_package_names_the_install_command(monkeypatch):
     import importlib.util
 
