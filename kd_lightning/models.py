@@ -200,8 +200,9 @@ def lm_head(model: nn.Module) -> nn.Module:
     (and kept) tokens only; models that transform logits after lm_head are refused
     rather than distilled on a different objective.
     """
+    config = getattr(model, "config", None)  # a cached teacher has none: it was checked when cached
     for key in LOGIT_TRANSFORMS:
-        value = getattr(model.config, key, None)
+        value = getattr(config, key, None)
         if value not in (None, 1, 1.0):
             raise ValueError(
                 f"{type(model).__name__} transforms its logits after lm_head ({key}={value}); "

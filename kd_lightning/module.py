@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from kd_lightning import losses
+from kd_lightning.cache import CachedTeacher
 from kd_lightning.losses.base import check_temperature
 from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
 from kd_lightning.models import decoder_layers, last_hidden_state, lm_head
@@ -46,6 +47,11 @@ class TokenBatch:
         if self._difficulty is None:
             self._difficulty = self.compute_difficulty()
         return self._difficulty
+
+
+def wants_teacher(factory: Callable[..., nn.Module]) -> bool:
+    """Whether a student factory builds the student from the teacher (``teacher=``)."""
+    return "teacher" in inspect.signature(factory).parameters
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
@@ -186,14 +192,14 @@ class DistillationModule(L.LightningModule):
         if self.teacher_factory is not None and not hasattr(self, "teacher"):
             self.teacher = self.frozen(self.teacher_factory())
         if self.student_factory is not None and not hasattr(self, "student"):
-            wants_teacher = "teacher" in inspect.signature(self.student_factory).parameters
-            self.student = self.student_factory(teacher=self.teacher) if wants_teacher else self.student_factory()
+            factory = self.student_factory
+            self.student = factory(teacher=self.teacher) if wants_teacher(factory) else factory()
         if self.gradient_checkpointing and not self.student.is_gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         if self._device_mesh is not None and not isinstance(self.student, FSDPModule):
             mesh = self._device_mesh["data_parallel"]
             sharded = {"student": {}}
-            if self.teacher_placement != "replicated":
+            if self.teacher_placement != "replicated" and not isinstance(self.teacher, CachedTeacher):
                 # offloading is to CPU memory: on a CPU run there is nothing to offload
                 offload = self.teacher_placement == "offloaded" and self._device_mesh.device_type != "cpu"
                 sharded["teacher"] = {"offload_policy": CPUOffloadPolicy()} if offload else {}
@@ -216,9 +222,12 @@ class DistillationModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Log the parameter memory each process holds (shards under FSDP)."""
         sizes = {role: local_parameter_bytes(getattr(self, role)) / 2**20 for role in ("teacher", "student")}
+        saved = ""
+        if isinstance(self.teacher, CachedTeacher):
+            saved = f" (its lm_head: the cache saves {self.teacher.live_parameter_bytes / 2**20 - sizes['teacher']:.1f} MiB)"
         # printed, not logged: spawned processes do not inherit Hydra's logging set-up
         print(
-            f"process {self.global_rank} of {self.world_size()} holds {sizes['teacher']:.1f} MiB of teacher "
+            f"process {self.global_rank} of {self.world_size()} holds {sizes['teacher']:.1f} MiB of teacher{saved} "
             f"and {sizes['student']:.1f} MiB of student parameters",
             flush=True,
         )
@@ -233,8 +242,20 @@ class DistillationModule(L.LightningModule):
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
         student_hidden = last_hidden_state(self.student, model_inputs)[:, :-1][counted]
         with torch.no_grad():
-            teacher_hidden = last_hidden_state(self.teacher, model_inputs)[:, :-1][counted]
+            teacher_hidden = self.teacher_hidden_states(batch, model_inputs, counted)
         return student_hidden, teacher_hidden, labels[counted]
+
+    def teacher_hidden_states(self, batch: dict, model_inputs: dict, counted: Tensor) -> Tensor:
+        """The teacher's final hidden states ``[N, H]`` at the counted positions: from its
+        forward pass, or read from a teacher cache by each example's ``record``."""
+        if not isinstance(self.teacher, CachedTeacher):
+            return last_hidden_state(self.teacher, model_inputs)[:, :-1][counted]
+        if "record" not in batch:
+            raise KeyError(
+                "a cached teacher needs each batch's 'record' (the example's index in its data file), "
+                "which InstructionDataModule adds; batches without it need the live teacher"
+            )
+        return self.teacher.counted_hidden_states(batch["record"], counted)
 
     def logits(self, role: str, hidden: Tensor) -> Tensor:
         """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -15,8 +16,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd_lightning.cache import CachedTeacher, run_fingerprint
 from kd_lightning.export import ExportStudent
 from kd_lightning.models import check_same_tokenizer
+from kd_lightning.module import wants_teacher
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +31,16 @@ def fit(cfg: DictConfig) -> L.Trainer:
     if cfg.model.get("teacher_tokenizer") is not None:
         check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
+    if cfg.teacher_cache:
+        check_cacheable(cfg)
+        if wants_teacher(student):  # a layer copy of the teacher: built from the live teacher, which is then freed
+            student = partial(student_from_teacher, student, teacher)
+        teacher = partial(CachedTeacher, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
     module = instantiate(
         cfg.module,
-        student=instantiate(cfg.model.student),
-        teacher=instantiate(cfg.model.teacher),
+        student=student,
+        teacher=teacher,
         divergence=instantiate(cfg.divergence),
         vocab_size=len(tokenizer),
     )
@@ -50,6 +59,19 @@ def fit(cfg: DictConfig) -> L.Trainer:
     for logger in trainer.loggers:
         log.info("metrics: %s", logger.log_dir or logger.save_dir)
     return trainer
+
+
+def check_cacheable(cfg: DictConfig) -> None:
+    if cfg.policy.callback is not None:
+        raise ValueError(
+            f"policy={cfg.policy.name} trains on responses the student generates, which the teacher must score "
+            "live; a teacher cache holds the data set's responses only: drop teacher_cache or use policy=offline"
+        )
+
+
+def student_from_teacher(student_factory, teacher_factory):
+    """The student ``student_factory`` builds from a live teacher, loaded for this alone."""
+    return student_factory(teacher=teacher_factory())
 
 
 def optimized_metric(trainer: L.Trainer, name: str) -> float:

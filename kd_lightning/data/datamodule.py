@@ -99,7 +99,8 @@ class InstructionDataModule(L.LightningDataModule):
         val_size: examples held out for validation (taken before ``max_train_examples``).
         max_train_examples: use at most this many training examples (``None``: all).
         batch_size: examples per batch (per process); padded to the batch's longest.
-        seed: the shuffle that picks the validation and training examples.
+        seed: the shuffle that picks the validation and training examples (the order of
+            training is the global seed's, so runs of several seeds share their examples).
         shuffle: reshuffle the training examples every epoch.
     """
 
@@ -136,7 +137,8 @@ class InstructionDataModule(L.LightningDataModule):
         records = self.dataset if self.dataset is not None else load_json_lines(self.path)
         if len(records) == 0:
             raise ValueError(f"the dataset {source} is empty: give a file with instruction/input/output records")
-        records = records.shuffle(seed=self.seed)
+        # each example keeps its index in the source (``record``): the teacher cache is keyed by it
+        records = records.add_column("record", range(len(records))).shuffle(seed=self.seed)
         val_size = min(self.val_size, len(records) - 1)
         train_end = len(records) if self.max_train_examples is None else min(len(records), val_size + self.max_train_examples)
         self.val_set = self.encode(records.select(range(val_size)), source, "validation")
@@ -146,7 +148,7 @@ class InstructionDataModule(L.LightningDataModule):
         """Tokenise ``records`` and drop those whose prompt does not fit, logging the counts."""
         encoded = records.map(
             lambda example: encode_example(self.tokenizer, example, self.max_length),
-            remove_columns=records.column_names,
+            remove_columns=[name for name in records.column_names if name != "record"],
             desc=f"tokenising {split} data",
         )
         kept = encoded.filter(lambda example: len(example["input_ids"]) > 0)
