@@ -1,0 +1,179 @@
+"""The distillation study: every arm × seed of experiment=study, trained from one teacher
+cache and evaluated the same way, rows appended to results/study.csv as runs finish.
+
+    python results/study.py                 # all that is missing, core arms first
+    python results/study.py --only pilot    # the learning-rate pilot (CE-only, seed 0)
+
+Resumable: a run with a checkpoint continues from it (ckpt_path=last); an evaluated run
+(its ``study_rows.csv``) is skipped. Metrics per run:
+- ``nll`` and ``teacher_kl``: per-token NLL of the references and forward KL(teacher ‖
+  student) at τ = 1, over every Dolly test example that fits 512 tokens;
+- ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
+  ``gen_tokens`` (mean answer length of the sampled answers) on the first 100 prompts of
+  Dolly test and Self-Instruct and all 80 of Vicuna.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kd_lightning import DistillationModule, InstructionDataModule
+from kd_lightning.cache import CachedTeacher
+from kd_lightning.evaluation import eval_records, generate, rouge_l
+from kd_lightning.data.datamodule import format_prompt
+from kd_lightning.runs import load_run
+
+SEEDS = (0, 1, 2)
+#: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
+PILOT = {"pilot-ce-lr5e-4": ["module.ce_weight=1", "module.optimizer.lr=5.0e-4"]}
+#: name → (group, kd-train overrides); the core arms run first, for every seed
+ARMS = {
+    "ce": ("core", ["module.ce_weight=1"]),
+    "fkl-tau1": ("core", ["divergence=fkl", "temperature=1"]),
+    "rkl-tau1": ("core", ["divergence=rkl", "temperature=1"]),
+    "fkl-tau2": ("core", ["divergence=fkl", "temperature=2"]),
+    "rkl-tau2": ("core", ["divergence=rkl", "temperature=2"]),
+    "fkl-tau4": ("temperature", ["divergence=fkl", "temperature=4"]),
+    "rkl-tau4": ("temperature", ["divergence=rkl", "temperature=4"]),
+    "csd-ts-tau1": ("csd", ["divergence=csd", "divergence.weighting=ts", "temperature=1"]),
+    "rkl-adakd-tau1": ("adakd", ["divergence=rkl", "selection=adakd", "temperature=1"]),
+}
+EVAL_PROMPTS = 100
+COLUMNS = ("divergence", "temperature", "selection", "seed", "examples", "metric", "dataset", "value")
+
+
+def sh(*command: str) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def train(run_dir: Path, overrides: list[str], cache: Path) -> None:
+    if (run_dir / "checkpoints" / "done").exists():
+        return
+    resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
+    sh("kd-train", "experiment=study", f"teacher_cache={cache}", *overrides, *resume, f"hydra.run.dir={run_dir}")
+    (run_dir / "checkpoints" / "done").touch()
+
+
+@torch.no_grad()
+def held_out_losses(model, tokenizer, test_cache: Path) -> dict[str, float]:
+    """Token-mean NLL of the references and FKL(teacher ‖ model) at τ = 1 on Dolly test."""
+    data = InstructionDataModule(tokenizer, path="dolly-test", max_length=512, val_size=0, batch_size=8)
+    data.setup()
+    module = DistillationModule(student=model, teacher=CachedTeacher(test_cache), divergence="fkl", vocab_size=len(tokenizer))
+    totals = {"nll": 0.0, "teacher_kl": 0.0, "tokens": 0}
+    for batch in data.loader(data.train_set, shuffle=False):
+        out = module.distillation_losses(batch, apply_policies=False)
+        tokens = int(out["kept_tokens"])
+        totals["nll"] += float(out["ce_loss"]) * tokens
+        totals["teacher_kl"] += float(out["kd_loss"]) * tokens
+        totals["tokens"] += tokens
+    return {metric: totals[metric] / totals["tokens"] for metric in ("nll", "teacher_kl")}
+
+
+def generation_metrics(model, tokenizer) -> list[tuple[str, str, float]]:
+    rows = []
+    for dataset in ("dolly-test", "self-inst", "vicuna"):
+        records = eval_records(dataset, EVAL_PROMPTS)
+        prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
+        for metric, sampling in (("rouge_l", True), ("rouge_l_greedy", False)):
+            torch.manual_seed(1)
+            answers = generate(model, tokenizer, prompts, batch_size=16, do_sample=sampling)  # top-p 1, temperature 1
+            rows.append((metric, dataset, sum(rouge_l(a, r["output"]) for a, r in zip(answers, records)) / len(records)))
+            if sampling:
+                lengths = [len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers]
+                rows.append(("gen_tokens", dataset, sum(lengths) / len(lengths)))
+    return rows
+
+
+def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path) -> None:
+    out = run_dir / "study_rows.csv"
+    if out.exists():
+        return
+    tokenizer, model, _ = load_run(run_dir, role)
+    model.eval()
+    rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
+    rows += generation_metrics(model, tokenizer)
+    with open(str(out) + ".partial", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for metric, dataset, value in rows:
+            writer.writerow({**description, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"})
+    os.replace(str(out) + ".partial", out)
+    print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+
+
+def collect(runs: Path, table: Path, pattern: str) -> None:
+    rows = [row for path in sorted(runs.glob(f"{pattern}/study_rows.csv")) for row in csv.DictReader(path.open())]
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} rows -> {table}", flush=True)
+
+
+def description(arm: str, seed: int, examples: int) -> dict:
+    overrides = dict(item.split("=", 1) for item in ARMS[arm][1]) if arm in ARMS else {}
+    divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
+    return {
+        "divergence": divergence,
+        "temperature": overrides.get("temperature", ""),
+        "selection": overrides.get("selection", "none"),
+        "seed": seed,
+        "examples": examples,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=Path("runs/study"))
+    parser.add_argument("--cache", type=Path, default=Path("runs/study-cache"))
+    parser.add_argument("--table", type=Path, default=Path("results/study.csv"))
+    parser.add_argument("--only", choices=["pilot", "core", "temperature", "csd", "adakd"], nargs="+")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="default: delete a run's checkpoints once evaluated")
+    args = parser.parse_args()
+    train_cache, test_cache = args.cache / "train", args.cache / "dolly-test"
+    sh("kd-cache", "experiment=study", f"teacher_cache={train_cache}", f"hydra.run.dir={args.cache / 'train-log'}")
+    sh(
+        "kd-cache", "experiment=study", "data.path=dolly-test", "data.val_size=0", "data.max_train_examples=null",
+        "data.max_length=512", f"teacher_cache={test_cache}", f"hydra.run.dir={args.cache / 'dolly-test-log'}",
+    )
+    examples = 500 * 4
+    plan = []
+    groups = args.only or ["pilot", "core", "temperature", "csd", "adakd"]
+    if "pilot" in groups:
+        plan += [("ce", 0, ARMS["ce"][1])] + [(name, 0, overrides) for name, overrides in PILOT.items()]
+    for group in ("core", "temperature", "csd", "adakd"):
+        if group in groups:
+            plan += [(arm, seed, overrides) for seed in SEEDS for arm, (arm_group, overrides) in ARMS.items() if arm_group == group]
+    planned = set()
+    for arm, seed, overrides in plan:
+        if (arm, seed) in planned:  # the pilot's ce-seed0 is also the core's
+            continue
+        planned.add((arm, seed))
+        run_dir = args.runs / f"{arm}-seed{seed}"
+        train(run_dir, [*overrides, f"seed={seed}"], train_cache)
+        evaluate(run_dir, "student", description(arm, seed, examples), test_cache)
+        if not args.keep_checkpoints:
+            for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
+                checkpoint.unlink()
+        if arm == plan[0][0] and seed == plan[0][1]:
+            for role in ("teacher", "student-init"):
+                baseline = args.runs / role
+                if not (baseline / "study_rows.csv").exists():
+                    shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
+                    evaluate(baseline, role, description(role, 0, 0), test_cache)
+        collect(args.runs, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
+        collect(args.runs, args.table.with_name("study_pilot.csv"), "pilot-*")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
