@@ -48,7 +48,10 @@ def test_overlong_response_cut_and_overlong_prompt_dropped(tokenizer):
 def test_datamodule_batches_and_split(datamodule):
     assert len(datamodule.val_set) == 4 and len(datamodule.train_set) == 20
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "record"}
+    # each example's index in the source, unique across the split (the teacher cache's key)
+    records = {int(r) for split in (datamodule.train_set, datamodule.val_set) for r in split["record"]}
+    assert records == set(range(24))
     padding = batch["attention_mask"] == 0
     assert (batch["labels"][padding] == -100).all()
     assert ((batch["labels"] != -100).sum(1) > 0).all()
