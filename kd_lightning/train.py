@@ -25,8 +25,11 @@ def fit(cfg: DictConfig) -> L.Trainer:
     """Build tokenizer, data, module, callbacks, loggers and trainer from ``cfg``, then fit."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
-    if cfg.model.get("teacher_tokenizer") is not None:
-        check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
+    # the models' own tokenizers, where they ship one, must equal the run's
+    if (teacher_tokenizer := instantiate(cfg.model.get("teacher_tokenizer"))) is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if (student_tokenizer := instantiate(cfg.model.get("student_tokenizer"))) is not None:
+        check_same_tokenizer(student_tokenizer, tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(
         cfg.module,
