@@ -67,6 +67,6 @@ def hf_dirs(tmp_path_factory, chat_tokenizer):
 
     root = tmp_path_factory.mktemp("hf")
     for name, layers, seed in (("teacher", 4, 1), ("student", 2, 2)):
-        tiny_causal_lm("qwen2", hidden_size=32, num_layers=layers, initializer_range=0.3, seed=seed).save_pretrained(root / name)
+        tiny_causal_lm("llama", hidden_size=32, num_layers=layers, initializer_range=0.3, seed=seed).save_pretrained(root / name)
         chat_tokenizer.save_pretrained(root / name)
     return root / "teacher", root / "student"
