@@ -128,3 +128,33 @@ def test_lora_trains_only_the_adapters_and_exports(tmp_path):
     _, reloaded, _ = load_run(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, expected)
+
+
+def test_the_readme_gpu_recipe_composes(tmp_path):
+    """The README's Qwen2.5 recipe, composed (never run or downloaded here)."""
+    cfg = compose_config(
+        tmp_path, "experiment=qwen_instruct", "data.path=chat.jsonl",
+        "model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=[q_proj,v_proj]",
+    )
+    assert cfg.model.teacher.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and cfg.model.teacher.dtype == "bfloat16"
+    assert cfg.model.student.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.student.layers is None
+    assert cfg.model.tokenizer.name_or_path == cfg.model.teacher_tokenizer.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.path == "chat.jsonl"
+    assert dict(cfg.module.lora) == {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    pruned = compose_config(tmp_path, "experiment=qwen_instruct", "model.student_path=null", "model.student_layers={drop_last:8}")
+    assert pruned.model.student.layers == {"drop_last": 8} and pruned.model.student_tokenizer.name_or_path is None
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_trains_checkpoints_adapters_and_exports(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from test_train import kd_train
+
+    out = tmp_path / "OUT"
+    run = kd_train("model=tiny", "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=2", "model.lora.r=4", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    keys = [key for key in dcp.FileSystemReader(str(out / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata if key.startswith("state_dict.")]
+    assert keys and all("lora_" in key for key in keys)
+    kd_export([str(out), str(tmp_path / "merged")])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.num_hidden_layers == 2
