@@ -40,7 +40,13 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None, gguf_pac
     if name_or_path is None:
         raise ValueError("give a model directory or name (name_or_path) or a gguf_package")
     if not Path(name_or_path).is_dir():
-        name_or_path = cached_snapshot(name_or_path)
+        snapshot = cached_snapshot(name_or_path)
+        if snapshot is None:
+            raise FileNotFoundError(
+                f"no model directory {name_or_path!r}, and no hub model of that name in the local Hugging Face "
+                f"cache; fetch it first (`hf download {name_or_path}`) or give a directory written by save_pretrained"
+            )
+        name_or_path = snapshot
     if gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
             raise ModuleNotFoundError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
@@ -49,18 +55,16 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None, gguf_pac
     return name_or_path
 
 
-def cached_snapshot(name: str) -> str:
-    """The directory of the hub model ``name`` in the local Hugging Face cache; never a
-    download: a model that is not there is an error that says how to fetch it."""
+def cached_snapshot(name: str, repo_type: str = "model") -> str | None:
+    """The directory of the hub repository ``name`` in the local Hugging Face cache, or
+    ``None`` when it is not there (or ``name`` is no hub name): never a download."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(name, local_files_only=True)
-    except Exception:  # not a valid hub name, or not in the cache
-        raise FileNotFoundError(
-            f"no model directory {name!r}, and no hub model of that name in the local Hugging Face cache; "
-            f"fetch it first (`hf download {name}`) or give a directory written by save_pretrained"
-        ) from None
+        return snapshot_download(name, repo_type=repo_type, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
 
 
 def load_causal_lm(

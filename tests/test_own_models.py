@@ -143,7 +143,9 @@ def test_the_readme_gpu_recipe_composes(tmp_path):
     assert dict(cfg.module.lora) == {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     pruned = compose_config(tmp_path, "experiment=qwen_instruct", "model.student_path=null", "model.student_layers={drop_last:8}")
     assert pruned.model.student.layers == {"drop_last": 8} and pruned.model.student_tokenizer.name_or_path is None
-    sharded = compose_config(tmp_path, "experiment=qwen_instruct", "trainer=fsdp", "trainer.accelerator=gpu", "trainer.devices=4")
+    sharded = compose_config(
+        tmp_path, "experiment=qwen_instruct", "trainer=fsdp", "trainer.accelerator=gpu", "trainer.devices=4", "trainer.precision=bf16-mixed"
+    )
     assert sharded.trainer.strategy._target_.endswith("SpawnedModelParallelStrategy") and sharded.trainer.precision == "bf16-mixed"
 
 

@@ -23,6 +23,8 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from kd_lightning.models import cached_snapshot
+
 log = logging.getLogger(__name__)
 
 FILES = Path(__file__).parent / "files"
@@ -62,16 +64,14 @@ def resolve_data_path(path: str | Path) -> Path:
     resolved = SHIPPED.get(str(path), Path(path))
     if resolved.exists():
         return resolved
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path), repo_type="dataset", local_files_only=True))
-    except Exception:  # not a valid hub name, or not in the cache: the error below says what to give
+    snapshot = cached_snapshot(str(path), repo_type="dataset")
+    if snapshot is None:
         raise FileNotFoundError(
             f"no data file {str(path)!r}: give a JSON Lines file, a directory written by "
             "datasets.Dataset.save_to_disk, a hub data set in the local Hugging Face cache "
             f"(fetch it first, e.g. `hf download --repo-type dataset NAME`), or one of: {', '.join(SHIPPED)}"
-        ) from None
+        )
+    return Path(snapshot)
 
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
