@@ -128,6 +128,8 @@ def test_lora_trains_only_the_adapters_and_exports(tmp_path):
     _, reloaded, _ = load_run(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, expected)
+    resumed = fit(compose_config(tmp_path, *TINY, *lora, "trainer.max_steps=3", "ckpt_path=last"))
+    assert resumed.global_step == 3
 
 
 def test_the_readme_gpu_recipe_composes(tmp_path):
