@@ -181,7 +181,7 @@ def test_column_mapping(tokenizer, tmp_path):
         ('{"prompt": "a", "completion": ', "line 2: not JSON"),
         ('["prompt", "completion"]', "line 2: a JSON list, not an object"),
         ('{"prompt": "a"}', "line 2: field 'completion' is missing"),
-        ('{"prompt": "a", "completion": 4}', "line 2: field 'completion' is a int, not a string"),
+        ('{"prompt": "a", "completion": 4}', "line 2: field 'completion' must be a string, got int"),
         ('{"messages": []}', "line 2: field 'messages' is an empty conversation"),
         ('{"messages": [{"role": "user", "content": "Hi"}]}', "line 2: field 'messages' has no assistant turn"),
         ('{"messages": [{"role": "assistant"}]}', r"line 2: field messages\[0\].content is missing"),

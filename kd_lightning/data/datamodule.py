@@ -137,7 +137,7 @@ def check_record(record: dict, format: str, location: str, columns: Mapping[str,
         elif field == "messages":
             value = check_messages(value, location, name)
         elif not isinstance(value, str):
-            raise ValueError(f"{location}: field {name!r} is a {type(value).__name__}, not a string")
+            raise ValueError(f"{location}: field {name!r} must be a string, got {type(value).__name__}")
         checked[field] = value
     return checked
 
@@ -146,17 +146,17 @@ def check_messages(messages, location: str, name: str) -> list[dict]:
     """A conversation: a non-empty list of ``{"role", "content"}`` with string values and
     at least one assistant turn."""
     if not isinstance(messages, list):
-        raise ValueError(f"{location}: field {name!r} is a {type(messages).__name__}, not a list of {{role, content}} turns")
+        raise ValueError(f"{location}: field {name!r} must be a list of {{role, content}} turns, got {type(messages).__name__}")
     if not messages:
         raise ValueError(f"{location}: field {name!r} is an empty conversation")
     turns = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"{location}: {name}[{index}] is a {type(message).__name__}, not a {{role, content}} turn")
+            raise ValueError(f"{location}: field {name}[{index}] must be a {{role, content}} turn, got {type(message).__name__}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                problem = "missing" if message.get(key) is None else f"a {type(message[key]).__name__}, not a string"
-                raise ValueError(f"{location}: field {name}[{index}].{key} is {problem}")
+                problem = "is missing" if message.get(key) is None else f"must be a string, got {type(message[key]).__name__}"
+                raise ValueError(f"{location}: field {name}[{index}].{key} {problem}")
         turns.append({"role": message["role"], "content": message["content"]})
     if not any(turn["role"] == "assistant" for turn in turns):
         roles = ", ".join(sorted({turn["role"] for turn in turns}))
