@@ -241,9 +241,6 @@ class InstructionDataModule(L.LightningDataModule):
         path: a JSON Lines file, a ``save_to_disk`` directory, a hub data set in the local
             cache, or a shipped set (``dolly``); ignored if ``dataset`` is given.
         dataset: a ``datasets.Dataset`` of records in one of the formats.
-        split: the split of a directory or hub data set with several.
-        columns: the record's names for the standard fields, e.g. ``{"prompt": "question"}``
-            (``None`` values: the standard name).
         max_length: tokens per example; longer examples are cut, examples whose prompt
             does not fit are dropped (both counted in the log).
         val_size: examples held out for validation (taken before ``max_train_examples``).
@@ -251,6 +248,9 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: examples per batch (per process); padded to the batch's longest.
         seed: the shuffle that picks the validation and training examples.
         shuffle: reshuffle the training examples every epoch.
+        split: the split of a directory or hub data set with several.
+        columns: the record's names for the standard fields, e.g. ``{"prompt": "question"}``
+            (``None`` values: the standard name).
 
     The format is detected from the first record and logged; every record is checked
     against it, and a bad one is an error naming the file and line (or row) and the field.
@@ -261,8 +261,6 @@ class InstructionDataModule(L.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase,
         path: str | Path = "dolly",
         dataset: Dataset | None = None,
-        split: str = "train",
-        columns: Mapping[str, str] | None = None,
         max_length: int = 256,
         val_size: int = 100,
         max_train_examples: int | None = None,
@@ -270,6 +268,8 @@ class InstructionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        split: str = "train",
+        columns: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if max_length < 2:
