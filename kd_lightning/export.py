@@ -2,6 +2,7 @@
 
     kd-export outputs/DATE/TIME OUT_DIR                          # the run's last checkpoint
     kd-export outputs/DATE/TIME/checkpoints/step40.ckpt OUT_DIR  # any checkpoint, FSDP ones too
+    kd-export --adapters-only outputs/DATE/TIME OUT_DIR          # a LoRA student's adapters (merged without it)
 
 ``OUT_DIR`` then holds config.json, model.safetensors, generation_config.json, the
 tokenizer (with its chat template) and README.md, and loads anywhere with
@@ -12,10 +13,12 @@ same directory at the end of training (``export.dir``, default ``RUN/student``).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -32,7 +35,7 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
     selection = "+".join(cfg.selection) or "none"
     kwargs = {key: value for key, value in cfg.divergence.items() if key not in ("_target_", "name")}
     divergence = cfg.divergence.name + (f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
-    return {
+    settings = {
         "teacher": str(source),
         "divergence": divergence,
         "temperature τ": f"{cfg.temperature} ({cfg.temperature_schedule})",
@@ -44,6 +47,10 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
         "learning rate": f"{cfg.module.optimizer.lr} ({cfg.module.lr_scheduler})",
         "seed": str(cfg.seed),
     }
+    lora = cfg.module.get("lora")
+    if lora is not None and lora.r > 0:
+        settings["LoRA adapters"] = f"r {lora.r}, alpha {lora.alpha}, on {lora.target_modules} (merged unless exported with --adapters-only)"
+    return settings
 
 
 def final_metrics(run_dir: Path) -> dict[str, str]:
@@ -113,9 +120,20 @@ def save_student(
     return out_dir
 
 
-def export(path: Path, out_dir: Path) -> Path:
-    """The student of a run directory or checkpoint as a Hugging Face model directory."""
+def is_lora(model: nn.Module) -> bool:
+    """Whether ``model`` is a LoRA student (a peft wrapper with adapters)."""
+    return hasattr(model, "peft_config")
+
+
+def export(path: Path, out_dir: Path, adapters_only: bool = False) -> Path:
+    """The student of a run directory or checkpoint as a Hugging Face model directory; a
+    LoRA student with its adapters merged into its weights, or (``adapters_only``) as a
+    peft adapter directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
     tokenizer, student, cfg = load_run(path, "student")
+    if adapters_only and not is_lora(student):
+        raise ValueError(f"{path} trained the whole student, not LoRA adapters (model.lora.r was 0): export it without --adapters-only")
+    if is_lora(student) and not adapters_only:
+        student = student.merge_and_unload()
     card = model_card(run_settings(cfg), final_metrics(run_directory(path)), bool(tokenizer.chat_template))
     return save_student(student, tokenizer, out_dir, card)
 
@@ -127,8 +145,17 @@ class ExportStudent(L.Callback):
     def __init__(self, out_dir: str | Path, cfg: DictConfig):
         self.out_dir, self.settings = Path(out_dir), run_settings(cfg)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if pl_module.lora and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(
+                "export.enabled does not merge a LoRA student sharded by FSDP: train with export.enabled=false "
+                "and run kd-export on the run's checkpoint"
+            )
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = pl_module.student
+        if is_lora(student):  # the merged model, as kd-export writes it; the live student keeps its adapters
+            student = copy.deepcopy(student).merge_and_unload()
         full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if trainer.is_global_zero:
             tokenizer = trainer.datamodule.tokenizer
@@ -142,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a kd-train run directory, or a checkpoint inside one")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument(
+        "--adapters-only", action="store_true", help="a LoRA student's adapter directory (peft), not the merged model"
+    )
     args = parser.parse_args(argv)
-    print(f"student exported to {export(args.checkpoint, args.out_dir)}")
+    print(f"student exported to {export(args.checkpoint, args.out_dir, args.adapters_only)}")
 
 
 if __name__ == "__main__":

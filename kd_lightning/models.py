@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,12 +39,32 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None, gguf_pac
         name_or_path = next(iter(spec.submodule_search_locations))
     if name_or_path is None:
         raise ValueError("give a model directory or name (name_or_path) or a gguf_package")
+    if not Path(name_or_path).is_dir():
+        snapshot = cached_snapshot(name_or_path)
+        if snapshot is None:
+            raise FileNotFoundError(
+                f"no model directory {name_or_path!r}, and no hub model of that name in the local Hugging Face "
+                f"cache; fetch it first (`hf download {name_or_path}`) or give a directory written by save_pretrained"
+            )
+        name_or_path = snapshot
     if gguf_file is not None:
         if importlib.util.find_spec("gguf") is None:
             raise ModuleNotFoundError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
         if not (Path(name_or_path) / gguf_file).is_file():
             raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {name_or_path}")
     return name_or_path
+
+
+def cached_snapshot(name: str, repo_type: str = "model") -> str | None:
+    """The directory of the hub repository ``name`` in the local Hugging Face cache, or
+    ``None`` when it is not there (or ``name`` is no hub name): never a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, repo_type=repo_type, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
 
 
 def load_causal_lm(
@@ -68,6 +88,19 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+#: files of which one is present in a model directory that ships its tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def own_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast | None:
+    """The tokenizer shipped with the model at ``name_or_path`` (a directory or cached hub
+    name), to check against the run's; ``None`` for a model built here or shipped without one."""
+    if name_or_path is None:
+        return None
+    path = Path(resolve_model_path(name_or_path, None, None))
+    return load_tokenizer(str(path)) if any((path / name).is_file() for name in TOKENIZER_FILES) else None
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -125,9 +158,21 @@ def tiny_causal_lm(
         return AutoModelForCausalLM.from_config(config)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM itself, out of a peft wrapper (a LoRA student) if any."""
+    get_base_model = getattr(model, "get_base_model", None)  # only a peft PeftModel has it
+    return model if get_base_model is None else get_base_model()
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM (its ``base_model``: embeddings, decoder
+    layers, final norm), also through a peft wrapper."""
+    return unwrapped(model).base_model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a Hugging Face causal LM (Llama/Qwen/Mistral or GPT-2)."""
-    base = getattr(model, model.base_model_prefix)
+    base = backbone(model)
     for name in ("layers", "h"):
         if isinstance(getattr(base, name, None), nn.ModuleList):
             return getattr(base, name)
@@ -135,17 +180,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def copy_layers(
-    teacher: nn.Module, every: int = 2, layers: Sequence[int] | None = None, dtype: str = "float32"
+    teacher: nn.Module,
+    every: int = 2,
+    layers: Sequence[int] | None = None,
+    drop_last: int | None = None,
+    dtype: str = "float32",
 ) -> nn.Module:
     """A student that copies the teacher with only some of its decoder layers: every
     ``every``-th (layers 0, k, 2k, …), or the listed ``layers`` (negative indices count
-    from the end, e.g. ``[0, 1, …, 11, -3, -2, -1]``); embeddings, final norm and lm_head
-    are copied whole. The student's parameters are ``dtype`` whatever the teacher's, so a
-    bfloat16 teacher does not make a bfloat16 student."""
+    from the end, e.g. ``[0, 1, …, 11, -3, -2, -1]``), or all but the last ``drop_last``
+    (depth pruning); ``layers`` or ``drop_last`` replace ``every``. Embeddings, final norm
+    and lm_head are copied whole. The student's parameters are ``dtype`` whatever the
+    teacher's, so a bfloat16 teacher does not make a bfloat16 student."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     teacher_layers = len(decoder_layers(teacher))
-    if layers is None:
+    if drop_last is not None:
+        if layers is not None:
+            raise ValueError("give layers or drop_last, not both")
+        if not 0 < drop_last < teacher_layers:
+            raise ValueError(f"drop_last must be between 1 and {teacher_layers - 1} (the teacher has {teacher_layers} layers), got {drop_last}")
+        indices = list(range(teacher_layers - drop_last))
+    elif layers is None:
         indices = list(range(0, teacher_layers, every))
     else:
         indices = [index % teacher_layers if -teacher_layers <= index < teacher_layers else None for index in layers]
@@ -175,18 +231,61 @@ def copy_layers(
     return student
 
 
+def load_student(
+    teacher: nn.Module,
+    name_or_path: str | None = None,
+    layers: Sequence[int] | Mapping | None = None,
+    dtype: str = "float32",
+) -> nn.Module:
+    """The student: the model at ``name_or_path`` (a directory or cached hub name), or one
+    built from the ``teacher``'s decoder layers (``copy_layers``): ``layers`` is a list of
+    layer indices, ``{"every": k}`` or ``{"drop_last": n}``."""
+    if name_or_path is not None:
+        if layers is not None:
+            raise ValueError("give model.student_path or model.student_layers, not both")
+        return load_causal_lm(name_or_path, dtype=dtype)
+    if isinstance(layers, Mapping) and set(layers) <= {"every", "drop_last"} and len(layers) == 1:
+        return copy_layers(teacher, **layers, dtype=dtype)
+    if isinstance(layers, Sequence) and not isinstance(layers, str):
+        return copy_layers(teacher, layers=list(layers), dtype=dtype)
+    raise ValueError(
+        f"the student needs model.student_path (a model) or model.student_layers (teacher layers to copy: "
+        f"a list such as [0,2,4,-1], {{every: 2}} or {{drop_last: 4}}); got student_layers={layers!r}"
+    )
+
+
 def check_same_tokenizer(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase) -> None:
     """Raise ``ValueError`` unless both tokenizers map the same strings to the same ids:
-    distillation compares the two models' logits token by token."""
+    distillation compares the two models' logits token by token. (Embedding rows beyond
+    the tokenizer, padding, are aligned by the module's ``vocab_size``.) The error names
+    both sizes and the first id at which the two differ."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if student_vocab == teacher_vocab:
         return
-    differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])[:3]
+    student_tokens = {index: token for token, index in student_vocab.items()}
+    teacher_tokens = {index: token for token, index in teacher_vocab.items()}
+    first = min(index for index in student_tokens.keys() | teacher_tokens.keys() if student_tokens.get(index) != teacher_tokens.get(index))
     raise ValueError(
-        f"teacher and student tokenizers differ (student {len(student_vocab)} tokens, teacher "
-        f"{len(teacher_vocab)}; e.g. {differing}): token-level distillation needs one tokenizer, "
-        "so pick a student from the teacher's family or build it with kd_lightning.models.copy_layers"
+        f"teacher and student tokenizers differ: student {len(student_vocab)} tokens, teacher {len(teacher_vocab)}; "
+        f"first difference at id {first}: student {student_tokens.get(first)!r}, teacher {teacher_tokens.get(first)!r}. "
+        "Token-level distillation needs one tokenizer, so pick a student from the teacher's family "
+        "or build it from the teacher's layers (model.student_layers)"
     )
+
+
+def add_lora(
+    model: nn.Module, r: int, alpha: float, dropout: float = 0.0, target_modules: str | Sequence[str] = "all-linear"
+) -> nn.Module:
+    """``model`` with LoRA adapters of rank ``r`` (scaled by ``alpha / r``) on its
+    ``target_modules`` (names such as ``[q_proj, v_proj]``, or ``all-linear``: every
+    linear layer but the lm_head); only the adapters train (a peft ``PeftModel``)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError('LoRA students need peft: pip install "kd_lightning[lora]"') from None
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 #: config keys of models that rescale or cap logits after lm_head
@@ -215,11 +314,13 @@ def last_hidden_state(model: nn.Module, model_inputs: dict) -> torch.Tensor:
     """The final (normed) hidden states ``[B, T, H]`` of a causal LM, from its own forward
     pass (so that FSDP's hooks gather its parameters), with logits for one position only."""
     captured = {}
-    handle = model.base_model.register_forward_hook(
+    handle = backbone(model).register_forward_hook(
         lambda module, args, output: captured.update(hidden=output.last_hidden_state)
     )
     try:
-        keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        # a peft wrapper passes the argument on to the model it wraps
+        accepts_keep = "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
+        keep_one = {"logits_to_keep": 1} if accepts_keep else {}
         model(**model_inputs, **keep_one)
     finally:
         handle.remove()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -20,7 +20,7 @@ from kd_lightning import losses
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.losses.base import check_temperature
 from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
-from kd_lightning.models import decoder_layers, last_hidden_state, lm_head
+from kd_lightning.models import add_lora, decoder_layers, last_hidden_state, lm_head
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
 TEACHER_PLACEMENTS = ("sharded", "replicated", "offloaded")
@@ -61,16 +61,26 @@ def local_parameter_bytes(model: nn.Module) -> int:
     )
 
 
+def _frozen_student_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys (under ``student.``) of a LoRA student's frozen base weights."""
+    if not module.lora or not hasattr(module, "student"):
+        return set()
+    return {f"student.{name}" for name, parameter in module.student.named_parameters() if not parameter.requires_grad}
+
+
 def _drop_teacher_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """The frozen teacher is rebuilt from its source, never saved with the student."""
-    for key in [key for key in state_dict if key.startswith(prefix + "teacher.")]:
+    """The frozen teacher, and a LoRA student's frozen base, are rebuilt from their
+    sources, never saved with the trained weights."""
+    frozen = {prefix + key for key in _frozen_student_keys(module)}
+    for key in [key for key in state_dict if key.startswith(prefix + "teacher.") or key in frozen]:
         del state_dict[key]
 
 
 def _ignore_missing_teacher(module: nn.Module, incompatible_keys) -> None:
-    """Loading a checkpoint leaves the live teacher as it is: its keys are not missing."""
-    missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if not (key.startswith("teacher.") or ".teacher." in key)]
+    """Loading a checkpoint leaves the live teacher (and a LoRA student's frozen base) as
+    it is: their keys are not missing."""
+    missing, frozen = incompatible_keys.missing_keys, _frozen_student_keys(module)
+    missing[:] = [key for key in missing if not (key.startswith("teacher.") or ".teacher." in key or key in frozen)]
 
 
 class DistillationModule(L.LightningModule):
@@ -109,6 +119,9 @@ class DistillationModule(L.LightningModule):
             the same as ``sharded``).
         gradient_checkpointing: recompute the student's activations in the backward pass
             (Hugging Face gradient checkpointing): less memory, about a third more compute.
+        lora: LoRA settings for the student (``models.add_lora``: ``r``, ``alpha``,
+            ``dropout``, ``target_modules``); with ``r > 0`` only the adapters train, and
+            checkpoints hold only them. ``None`` or ``r = 0``: the whole student trains.
 
     The teacher is frozen, kept in eval mode and run under ``torch.no_grad``; the
     optimizer sees only the student; ``state_dict`` and checkpoints hold no teacher weights.
@@ -132,6 +145,7 @@ class DistillationModule(L.LightningModule):
         compile_loss: bool = False,
         teacher_placement: str = "sharded",
         gradient_checkpointing: bool = False,
+        lora: Mapping | None = None,
     ):
         super().__init__()
         if loss_impl not in ("fused", "eager"):
@@ -152,6 +166,7 @@ class DistillationModule(L.LightningModule):
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
         self.loss_impl, self.chunk_size, self.compile_loss = loss_impl, chunk_size, compile_loss
         self.teacher_placement, self.gradient_checkpointing = teacher_placement, gradient_checkpointing
+        self.lora = dict(lora) if lora is not None and lora.get("r", 0) > 0 else None
         self.save_hyperparameters(
             {
                 "divergence": divergence.name,
@@ -163,6 +178,7 @@ class DistillationModule(L.LightningModule):
                 "warmup_ratio": warmup_ratio,
                 "loss_impl": loss_impl,
                 "teacher_placement": teacher_placement,
+                "lora_r": self.lora["r"] if self.lora else 0,
             }
         )
         self.teacher_factory = self.student_factory = None
@@ -194,6 +210,8 @@ class DistillationModule(L.LightningModule):
         if self.student_factory is not None and not hasattr(self, "student"):
             factory = self.student_factory
             self.student = factory(teacher=self.teacher) if wants_teacher(factory) else factory()
+        if self.lora and not hasattr(self.student, "peft_config"):
+            self.student = add_lora(self.student, **self.lora)
         if self.gradient_checkpointing and not self.student.is_gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         if self._device_mesh is not None and not isinstance(self.student, FSDPModule):
@@ -402,7 +420,7 @@ class DistillationModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / elapsed, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.student.parameters())
+        optimizer = self.optimizer_factory([parameter for parameter in self.student.parameters() if parameter.requires_grad])
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(
             self.lr_scheduler,

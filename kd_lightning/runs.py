@@ -51,7 +51,9 @@ def load_run(path: Path, role: str = "student") -> tuple:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path = Path(path)
     cfg = run_config(path)
-    module = DistillationModule(student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher))
+    module = DistillationModule(
+        student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher), lora=cfg.module.get("lora")
+    )
     module.configure_model()
     if role == "student":
         checkpoint = path if path != run_directory(path) else path / "checkpoints" / "last.ckpt"

@@ -28,13 +28,17 @@ def fit(cfg: DictConfig) -> L.Trainer:
     """Build tokenizer, data, module, callbacks, loggers and trainer from ``cfg``, then fit."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
-    if cfg.model.get("teacher_tokenizer") is not None:
-        check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
+    # the models' own tokenizers, where they ship one, must equal the run's
+    if (teacher_tokenizer := instantiate(cfg.model.get("teacher_tokenizer"))) is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if (student_tokenizer := instantiate(cfg.model.get("student_tokenizer"))) is not None:
+        check_same_tokenizer(student_tokenizer, tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     if cfg.teacher_cache:
         check_cacheable(cfg)
-        if wants_teacher(student):  # a layer copy of the teacher: built from the live teacher, which is then freed
+        if wants_teacher(student) and not cfg.model.student.get("name_or_path"):
+            # a copy of teacher layers: built from the live teacher, which is freed before training
             student = partial(student_from_teacher, student, teacher)
         teacher = partial(CachedTeacher, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
     module = instantiate(

@@ -8,12 +8,6 @@ import pytest
 from kd_lightning import InstructionDataModule
 from kd_lightning.data import SHIPPED, encode_example, format_prompt, resolve_data_path
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
 def test_plain_template_without_chat_template(tokenizer):
     assert tokenizer.chat_template is None
     prompt = format_prompt(tokenizer, "Say hi.", "to Ann")
@@ -21,10 +15,8 @@ def test_plain_template_without_chat_template(tokenizer):
     assert "### Input" not in format_prompt(tokenizer, "Say hi.")
 
 
-def test_chat_template_when_the_tokenizer_has_one(tokenizer):
-    chat = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>", pad_token="<pad>")
-    chat.chat_template = CHAT_TEMPLATE
-    assert format_prompt(chat, "Say hi.", "to Ann") == "<|user|>Say hi.\n\nto Ann</s><|assistant|>"
+def test_chat_template_when_the_tokenizer_has_one(chat_tokenizer):
+    assert format_prompt(chat_tokenizer, "Say hi.", "to Ann") == "<|user|>Say hi.\n\nto Ann</s><|assistant|>"
 
 
 def test_prompt_masked_response_and_eos_counted(tokenizer):
@@ -97,3 +89,130 @@ def test_shipped_data_is_complete():
             rows = [json.loads(line) for line in lines]
         assert len(rows) == expected and all({"instruction", "output"} <= set(row) for row in rows)
     assert (SHIPPED["dolly"].parent.parent / "README.md").is_file()
+
+
+# ------------------------------------------------------------ your own data
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Yo"},
+    {"role": "user", "content": "And?"},
+    {"role": "assistant", "content": "Bye"},
+]
+RECORDS = {
+    "instruction/input/output": {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    "prompt/completion": {"prompt": "Q: 2+2?\nA:", "completion": " 4"},
+    "messages": {"messages": TWO_TURNS},
+}
+
+
+def write_json_lines(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_every_assistant_turn_is_trained_and_every_other_turn_masked(chat_tokenizer):
+    encoded = encode_example(chat_tokenizer, {"messages": TWO_TURNS}, max_length=512)
+    text = chat_tokenizer.decode(encoded["input_ids"])
+    assert text == "<|system|>Be brief.</s><|user|>Hi</s><|assistant|>Yo</s><|user|>And?</s><|assistant|>Bye</s>"
+    trained = [token if label != -100 else None for token, label in zip(encoded["input_ids"], encoded["labels"])]
+    spans = "".join("|" if token is None else chat_tokenizer.decode([token]) for token in trained).split("|")
+    assert [span for span in spans if span] == ["Yo</s>", "Bye</s>"]
+    assert encoded["input_ids"] == chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_completion_is_used_verbatim_with_the_completion_trained(tokenizer):
+    encoded = encode_example(tokenizer, RECORDS["prompt/completion"], max_length=512)
+    prompt_length = len(tokenizer("Q: 2+2?\nA:")["input_ids"])
+    assert tokenizer.decode(encoded["input_ids"][:prompt_length]) == "Q: 2+2?\nA:"
+    assert encoded["labels"][:prompt_length] == [-100] * prompt_length
+    assert tokenizer.decode(encoded["labels"][prompt_length:-1]) == " 4" and encoded["labels"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("format", RECORDS)
+def test_each_format_is_detected_and_logged(format, chat_tokenizer, tmp_path, caplog):
+    path = write_json_lines(tmp_path / "data.jsonl", [RECORDS[format]] * 6)
+    data = InstructionDataModule(chat_tokenizer, path=str(path), val_size=2)
+    with caplog.at_level("INFO"):
+        data.setup()
+    assert f"data format: {format} (detected from the first record of {path})" in caplog.text
+    assert len(data.train_set) == 4 and all(any(label != -100 for label in row["labels"]) for row in data.train_set)
+
+
+def test_save_to_disk_directory_and_its_split(chat_tokenizer, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list([RECORDS["messages"]] * 5).save_to_disk(tmp_path / "one")
+    data = InstructionDataModule(chat_tokenizer, path=str(tmp_path / "one"), val_size=1)
+    data.setup()
+    assert len(data.train_set) == 4
+    DatasetDict({"train": Dataset.from_list([RECORDS["prompt/completion"]] * 3)}).save_to_disk(tmp_path / "dict")
+    with pytest.raises(ValueError, match="no split 'test'; its splits: train"):
+        InstructionDataModule(chat_tokenizer, path=str(tmp_path / "dict"), split="test").setup()
+
+
+def test_hub_data_set_from_the_local_cache_only(chat_tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "datasets--someone--chats" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    write_json_lines(snapshot / "train.jsonl", [RECORDS["messages"]] * 3)
+    (tmp_path / "hub" / "datasets--someone--chats" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--someone--chats" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = InstructionDataModule(chat_tokenizer, path="someone/chats", val_size=1)
+    data.setup()
+    assert len(data.train_set) == 2
+    with pytest.raises(FileNotFoundError, match="no data file 'someone/other'.*hf download --repo-type dataset"):
+        InstructionDataModule(chat_tokenizer, path="someone/other")
+
+
+def test_column_mapping(tokenizer, tmp_path):
+    path = write_json_lines(tmp_path / "qa.jsonl", [{"question": "Why?", "answer": "Because."}] * 3)
+    with pytest.raises(ValueError, match=r"line 1: no known record format in its fields \['answer', 'question'\].*data.columns"):
+        InstructionDataModule(tokenizer, path=str(path)).setup()
+    data = InstructionDataModule(tokenizer, path=str(path), columns={"prompt": "question", "completion": "answer", "input": None}, val_size=1)
+    data.setup()
+    assert tokenizer.decode([label for label in data.train_set[0]["labels"] if label != -100]) == "Because.</s>"
+    with pytest.raises(ValueError, match="unknown data.columns \\['question'\\]"):
+        InstructionDataModule(tokenizer, path=str(path), columns={"question": "prompt"})
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "completion": ', "line 2: not JSON"),
+        ('["prompt", "completion"]', "line 2: a JSON list, not an object"),
+        ('{"prompt": "a"}', "line 2: field 'completion' is missing"),
+        ('{"prompt": "a", "completion": 4}', "line 2: field 'completion' must be a string, got int"),
+        ('{"messages": []}', "line 2: field 'messages' is an empty conversation"),
+        ('{"messages": [{"role": "user", "content": "Hi"}]}', "line 2: field 'messages' has no assistant turn"),
+        ('{"messages": [{"role": "assistant"}]}', r"line 2: field messages\[0\].content is missing"),
+    ],
+    ids=["not-json", "not-object", "missing", "not-string", "empty-conversation", "no-assistant", "no-content"],
+)
+def test_a_bad_record_names_the_file_line_and_field(line, message, chat_tokenizer, tmp_path):
+    first = {"messages": TWO_TURNS} if "messages" in line else RECORDS["prompt/completion"]
+    path = write_json_lines(tmp_path / "bad.jsonl", [first, line, first])
+    with pytest.raises(ValueError, match=f"{path}, {message}"):
+        InstructionDataModule(chat_tokenizer, path=str(path)).setup()
+
+
+def test_a_bad_row_of_a_dataset_is_named(tokenizer):
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}])
+    with pytest.raises(ValueError, match=r"the given dataset\[1\]: field 'completion' is missing"):
+        InstructionDataModule(tokenizer, dataset=rows).setup()
+
+
+def test_conversations_need_a_chat_template(tokenizer, tmp_path):
+    path = write_json_lines(tmp_path / "chat.jsonl", [RECORDS["messages"]] * 3)
+    with pytest.raises(ValueError, match="holds conversations.*the tokenizer has none"):
+        InstructionDataModule(tokenizer, path=str(path)).setup()
+
+
+def test_an_overlong_conversation_is_cut_and_counted(chat_tokenizer):
+    encoded = encode_example(chat_tokenizer, {"messages": TWO_TURNS}, max_length=50)
+    assert encoded["truncated"] and len(encoded["input_ids"]) == 50
+    assert encode_example(chat_tokenizer, {"messages": TWO_TURNS}, max_length=44)["input_ids"] == []

@@ -1,15 +1,29 @@
-"""Instruction data for distillation: JSON Lines or a ``datasets`` dataset, prompt masked."""
+"""Data for distillation: JSON Lines, a ``save_to_disk`` directory or a cached hub data
+set, in one of three record formats, tokenised with the prompt masked out of the loss.
+
+Formats (detected from the first record, in this order):
+
+- ``messages``: a list of ``{"role", "content"}`` turns rendered by the tokenizer's chat
+  template; the loss covers every assistant turn, every other turn is masked;
+- ``prompt`` / ``completion``: plain strings, used verbatim; the loss covers the completion;
+- ``instruction`` / ``input`` (optional) / ``output``: the instruction (and input) as the
+  user turn of the chat template, or the plain Alpaca-style template; the loss covers the output.
+"""
 
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
-from datasets import Dataset, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from kd_lightning.models import cached_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +49,119 @@ PLAIN_TEMPLATE_WITH_INPUT = (
 IGNORE_INDEX = -100
 
 
+#: the record formats, detected in this order: their fields, then optional fields
+FORMATS = {
+    "messages": (("messages",), ()),
+    "prompt/completion": (("prompt", "completion"), ()),
+    "instruction/input/output": (("instruction", "output"), ("input",)),
+}
+
+
 def resolve_data_path(path: str | Path) -> Path:
-    """A shipped data set name (``dolly``, ``dolly-test``, ``self-inst``, ``vicuna``) or a file."""
+    """A shipped data set name (``dolly``, ``dolly-test``, ``self-inst``, ``vicuna``), a
+    file, a directory (``save_to_disk``, or data files), or the local snapshot of a hub
+    data set in the Hugging Face cache (never downloaded)."""
     resolved = SHIPPED.get(str(path), Path(path))
-    if not resolved.is_file():
-        raise FileNotFoundError(f"no data file {str(path)!r}; give a JSON Lines file or one of: {', '.join(SHIPPED)}")
-    return resolved
+    if resolved.exists():
+        return resolved
+    snapshot = cached_snapshot(str(path), repo_type="dataset")
+    if snapshot is None:
+        raise FileNotFoundError(
+            f"no data file {str(path)!r}: give a JSON Lines file, a directory written by "
+            "datasets.Dataset.save_to_disk, a hub data set in the local Hugging Face cache "
+            f"(fetch it first, e.g. `hf download --repo-type dataset NAME`), or one of: {', '.join(SHIPPED)}"
+        )
+    return Path(snapshot)
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each non-blank line of a JSON Lines file (plain or
+    .gz); a line that is not a JSON object is an error naming the file and the line."""
+    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object with fields")
+            yield number, record
 
 
 def load_json_lines(path: Path) -> Dataset:
     """The records of a JSON Lines file (plain or .gz); an empty file gives an empty dataset."""
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as lines:
-        if not any(line.strip() for line in lines):
-            return Dataset.from_list([])
-    return load_dataset("json", data_files=str(path), split="train")
+    return Dataset.from_list([record for _, record in read_json_lines(path)])
+
+
+def located_records(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """``(location, record)`` of every record at ``path`` (see ``resolve_data_path``): the
+    location names the file and line, or the data set and row (``DIR[row]``, from 0)."""
+    if path.is_file():
+        yield from ((f"{path}, line {number}", record) for number, record in read_json_lines(path))
+        return
+    is_saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    dataset = load_from_disk(str(path)) if is_saved else load_dataset(str(path), split=split)
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path} has no split {split!r}; its splits: {', '.join(dataset)} (set data.split)")
+        dataset = dataset[split]
+    yield from ((f"{path}[{index}]", record) for index, record in enumerate(dataset))
+
+
+def detect_format(record: dict, location: str, columns: Mapping[str, str]) -> str:
+    """The format of ``record`` (see ``FORMATS``), its fields renamed by ``columns``."""
+    for name, (fields, _) in FORMATS.items():
+        if columns.get(fields[0], fields[0]) in record:
+            return name
+    expected = "; ".join(" + ".join(fields) for fields, _ in FORMATS.values())
+    raise ValueError(
+        f"{location}: no known record format in its fields {sorted(record)}; expected {expected}, "
+        "or map your names with data.columns (e.g. data.columns.prompt=question data.columns.completion=answer)"
+    )
+
+
+def check_record(record: dict, format: str, location: str, columns: Mapping[str, str]) -> dict:
+    """The fields of ``format`` from ``record`` under their standard names, after checking
+    them; a missing or mistyped field is an error naming ``location`` and the field."""
+    fields, optional = FORMATS[format]
+    checked = {}
+    for field in (*fields, *optional):
+        name = columns.get(field, field)
+        value = record.get(name)
+        if value is None and field in optional:
+            value = ""
+        elif value is None:
+            raise ValueError(f"{location}: field {name!r} is missing (this data is in the {format} format)")
+        elif field == "messages":
+            value = check_messages(value, location, name)
+        elif not isinstance(value, str):
+            raise ValueError(f"{location}: field {name!r} must be a string, got {type(value).__name__}")
+        checked[field] = value
+    return checked
+
+
+def check_messages(messages, location: str, name: str) -> list[dict]:
+    """A conversation: a non-empty list of ``{"role", "content"}`` with string values and
+    at least one assistant turn."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{location}: field {name!r} must be a list of {{role, content}} turns, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"{location}: field {name!r} is an empty conversation")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"{location}: field {name}[{index}] must be a {{role, content}} turn, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                problem = "is missing" if message.get(key) is None else f"must be a string, got {type(message[key]).__name__}"
+                raise ValueError(f"{location}: field {name}[{index}].{key} {problem}")
+        turns.append({"role": message["role"], "content": message["content"]})
+    if not any(turn["role"] == "assistant" for turn in turns):
+        roles = ", ".join(sorted({turn["role"] for turn in turns}))
+        raise ValueError(f"{location}: field {name!r} has no assistant turn (roles: {roles}): nothing to distil")
+    return turns
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, input: str = "") -> str:
@@ -64,37 +177,71 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, input: s
     return template.format(instruction=instruction, input=input)
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length: int) -> dict:
-    """Token ids of prompt + response + EOS, labels −100 on the prompt.
+def conversation_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[str, bool]]:
+    """A conversation rendered by the tokenizer's chat template, as ``(text, trained)``
+    pieces: each assistant turn (with the template's end-of-turn marker) is trained, the
+    text before it (system and user turns, the assistant header) is not. Turns after the
+    last assistant turn are left out: they teach nothing."""
+    pieces, rendered = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True, tokenize=False)
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and through.startswith(prompt)):
+            # e.g. templates that rewrite earlier turns once a later one exists
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation as its earlier turns followed "
+                "by the next: its assistant turns cannot be told apart; give prompt/completion records instead"
+            )
+        pieces += [(prompt[len(rendered) :], False), (through[len(prompt) :], True)]
+        rendered = through
+    return pieces
 
-    Over-long examples: the response is cut to fit ``max_length`` (``truncated``); when
-    the prompt alone leaves no room for a response token the example is dropped
-    (``input_ids`` empty).
+
+def example_segments(tokenizer: PreTrainedTokenizerBase, example: dict) -> list[tuple[str, bool]]:
+    """The text of a checked record (``check_record``) as ``(text, trained)`` pieces."""
+    if "messages" in example:
+        return conversation_segments(tokenizer, example["messages"])
+    if "prompt" in example:
+        return [(example["prompt"], False), (example["completion"], True)]
+    return [(format_prompt(tokenizer, example["instruction"], example.get("input") or ""), False), (example["output"], True)]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length: int) -> dict:
+    """Token ids of the example's pieces (``example_segments``), labels −100 on those not
+    trained; an EOS token ends a completion or output (a chat template ends its turns itself).
+
+    Over-long examples are cut to ``max_length`` (``truncated``); when no trained token
+    fits (the prompt alone is too long) the example is dropped (``input_ids`` empty).
     """
-    prompt = format_prompt(tokenizer, example["instruction"], example.get("input") or "")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    room = max_length - len(prompt_ids)
-    if room < 1:
+    input_ids, labels = [], []
+    for text, trained in example_segments(tokenizer, example):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    if "messages" not in example:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
         return {"input_ids": [], "labels": [], "attention_mask": [], "truncated": False}
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
     return {
-        "input_ids": prompt_ids + response_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
-        "truncated": truncated,
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "attention_mask": [1] * min(len(input_ids), max_length),
+        "truncated": len(input_ids) > max_length,
     }
 
 
 class InstructionDataModule(L.LightningDataModule):
-    """Instruction / input / output records, tokenised for distillation.
+    """Records in one of the ``FORMATS``, tokenised for distillation with the prompt masked.
 
     Args:
         tokenizer: the student's tokenizer (teacher and student must share it).
-        path: a JSON Lines file or a shipped set (``dolly``); ignored if ``dataset`` is given.
-        dataset: a ``datasets.Dataset`` with ``instruction``, ``output`` and optional ``input``.
-        max_length: tokens per example; longer responses are cut, examples whose prompt
+        path: a JSON Lines file, a ``save_to_disk`` directory, a hub data set in the local
+            cache, or a shipped set (``dolly``); ignored if ``dataset`` is given.
+        dataset: a ``datasets.Dataset`` of records in one of the formats.
+        max_length: tokens per example; longer examples are cut, examples whose prompt
             does not fit are dropped (both counted in the log).
         val_size: examples held out for validation (taken before ``max_train_examples``).
         max_train_examples: use at most this many training examples (``None``: all).
@@ -102,6 +249,12 @@ class InstructionDataModule(L.LightningDataModule):
         seed: the shuffle that picks the validation and training examples (the order of
             training is the global seed's, so runs of several seeds share their examples).
         shuffle: reshuffle the training examples every epoch.
+        split: the split of a directory or hub data set with several.
+        columns: the record's names for the standard fields, e.g. ``{"prompt": "question"}``
+            (``None`` values: the standard name).
+
+    The format is detected from the first record and logged; every record is checked
+    against it, and a bad one is an error naming the file and line (or row) and the field.
     """
 
     def __init__(
@@ -116,13 +269,20 @@ class InstructionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        split: str = "train",
+        columns: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        standard = {field for fields, optional in FORMATS.values() for field in (*fields, *optional)}
+        if unknown := set(columns or {}) - standard:
+            raise ValueError(f"unknown data.columns {sorted(unknown)}; valid: {', '.join(sorted(standard))}")
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.path = resolve_data_path(path) if dataset is None else None  # a bad path fails before any model loads
+        self.split = split
+        self.columns = {field: name for field, name in (columns or {}).items() if name is not None}
         self.max_length, self.val_size, self.max_train_examples = max_length, val_size, max_train_examples
         self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle
         self.train_set: Dataset | None = None
@@ -134,15 +294,34 @@ class InstructionDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         source = str(self.path) if self.dataset is None else "the given dataset"
-        records = self.dataset if self.dataset is not None else load_json_lines(self.path)
-        if len(records) == 0:
-            raise ValueError(f"the dataset {source} is empty: give a file with instruction/input/output records")
+        records = self.checked_records(source)
         # each example keeps its index in the source (``record``): the teacher cache is keyed by it
         records = records.add_column("record", range(len(records))).shuffle(seed=self.seed)
         val_size = min(self.val_size, len(records) - 1)
         train_end = len(records) if self.max_train_examples is None else min(len(records), val_size + self.max_train_examples)
         self.val_set = self.encode(records.select(range(val_size)), source, "validation")
         self.train_set = self.encode(records.select(range(val_size, train_end)), source, "training")
+
+    def checked_records(self, source: str) -> Dataset:
+        """Every record, checked against the format of the first and reduced to its fields."""
+        if self.dataset is not None:
+            located = ((f"the given dataset[{index}]", record) for index, record in enumerate(self.dataset))
+        else:
+            located = located_records(self.path, self.split)
+        checked, format = [], None
+        for location, record in located:
+            if format is None:
+                format = detect_format(record, location, self.columns)
+            checked.append(check_record(record, format, location, self.columns))
+        if format is None:
+            raise ValueError(f"the dataset {source} is empty: give records in one of the formats {', '.join(FORMATS)}")
+        log.info("data format: %s (detected from the first record of %s)", format, source)
+        if format == "messages" and not self.tokenizer.chat_template:
+            raise ValueError(
+                f"{source} holds conversations (messages), which the tokenizer's chat template renders, but the "
+                "tokenizer has none: use a tokenizer with a chat template, or give prompt/completion records"
+            )
+        return Dataset.from_list(checked)
 
     def encode(self, records: Dataset, source: str, split: str) -> Dataset:
         """Tokenise ``records`` and drop those whose prompt does not fit, logging the counts."""
