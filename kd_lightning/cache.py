@@ -268,10 +268,16 @@ def run_fingerprint(cfg, tokenizer, datamodule) -> dict:
     from kd_lightning.data.datamodule import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 
     teacher = OmegaConf.to_container(cfg.model.teacher, resolve=True)
-    if datamodule.path is not None:
-        data = {"file": datamodule.path.name, "sha256": file_sha256(datamodule.path)}
-    else:
+    if datamodule.path is None:
         data = {"dataset": datamodule.dataset._fingerprint}
+    elif datamodule.path.is_dir():  # a save_to_disk directory or a hub snapshot: every file in it
+        files = sorted(path for path in datamodule.path.rglob("*") if path.is_file())
+        data = {"directory": datamodule.path.name, "split": datamodule.split,
+                "sha256": {str(path.relative_to(datamodule.path)): file_sha256(path) for path in files}}
+    else:
+        data = {"file": datamodule.path.name, "sha256": file_sha256(datamodule.path)}
+    if datamodule.columns:
+        data["columns"] = datamodule.columns
     return {
         "teacher": teacher,
         "teacher_files": teacher_files(teacher),
