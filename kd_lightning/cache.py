@@ -81,6 +81,16 @@ def counted_positions(labels: Tensor) -> Tensor:
     return labels[:, 1:] != -100
 
 
+def token_hashes(batch: dict) -> list[int]:
+    """A 63-bit hash of each example's tokens and labels (right-padded batch): the cache
+    serves an example only to a batch that holds exactly the tokens it was built from."""
+    hashes = []
+    for ids, labels, length in zip(batch["input_ids"], batch["labels"], batch["attention_mask"].sum(1).tolist()):
+        tokens = torch.stack([ids[:length], labels[:length]]).to(torch.int64).cpu().numpy().tobytes()
+        hashes.append(int.from_bytes(hashlib.sha256(tokens).digest()[:8], "little") >> 1)
+    return hashes
+
+
 class TeacherCacheWriter:
     """Writes the cache of ``teacher`` over the given splits, shard by shard, resuming
     after the shards an interrupted build finished."""
@@ -132,7 +142,7 @@ class TeacherCacheWriter:
         """The hidden states of the counted positions of ``examples``, example after example."""
         from tqdm.auto import tqdm
 
-        hidden, counts, records = [], [], []
+        hidden, counts, records, hashes = [], [], [], []
         started, tokens = time.perf_counter(), 0
         progress = tqdm(total=len(examples), desc=f"teacher cache ({split})", unit="example")
         for first in range(0, len(examples), batch_size):
@@ -143,13 +153,19 @@ class TeacherCacheWriter:
             hidden.append(states[counted].to(dtype).cpu())
             counts.append(counted.sum(1).cpu())
             records.append(batch["record"])
+            hashes += token_hashes(batch)
             tokens += int(batch["attention_mask"].sum())
             progress.update(len(batch["record"]))
             progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}")
         progress.close()
         counts = torch.cat(counts)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return {"hidden": torch.cat(hidden).contiguous(), "offsets": offsets, "records": torch.cat(records)}
+        return {
+            "hidden": torch.cat(hidden).contiguous(),
+            "offsets": offsets,
+            "records": torch.cat(records),
+            "token_hashes": torch.tensor(hashes, dtype=torch.int64),
+        }
 
 
 class CachedTeacher(nn.Module):
@@ -186,9 +202,9 @@ class CachedTeacher(nn.Module):
             if verify and (not path.is_file() or file_sha256(path) != shard["sha256"]):
                 raise CacheError(f"the teacher cache shard {path} is missing or corrupt (sha256 differs): rebuild the cache")
             handle = self.open(path)
-            offsets, records = handle.get_tensor("offsets"), handle.get_tensor("records")
-            for position, record in enumerate(records.tolist()):
-                self.index[record] = (len(self.shards), int(offsets[position]), int(offsets[position + 1]))
+            offsets, records, hashes = (handle.get_tensor(name) for name in ("offsets", "records", "token_hashes"))
+            for position, (record, tokens) in enumerate(zip(records.tolist(), hashes.tolist())):
+                self.index[record] = (len(self.shards), int(offsets[position]), int(offsets[position + 1]), tokens)
             self.shards.append(handle.get_slice("hidden"))
         log.info("teacher cache %s: %d examples, %s states", self.directory, len(self.index), self.cached_fingerprint["dtype"])
 
@@ -227,20 +243,24 @@ class CachedTeacher(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def counted_hidden_states(self, records: Tensor, counted: Tensor) -> Tensor:
+    def counted_hidden_states(self, batch: dict) -> Tensor:
         """``[N, H]`` hidden states of the counted positions of a batch: example after
-        example, in the order ``hidden[:, :-1][counted]`` gives for a live teacher."""
+        example, in the order ``hidden[:, :-1][counted]`` gives for a live teacher. Each
+        example is looked up by its ``record`` and must have the tokens it was cached with."""
         rows = []
-        for record, count in zip(records.tolist(), counted.sum(1).tolist()):
+        for record, tokens in zip(batch["record"].tolist(), token_hashes(batch)):
             if record not in self.index:
                 raise CacheError(
                     f"example {record} of the data file is not in the teacher cache {self.directory}: the cache was "
                     "built for another selection of examples (data.seed, data.val_size, data.max_train_examples); "
                     "rebuild it with this run's data overrides"
                 )
-            shard, start, end = self.index[record]
-            if end - start != count:
-                raise CacheError(f"example {record} has {count} counted tokens but {end - start} cached states: rebuild the cache")
+            shard, start, end, cached_tokens = self.index[record]
+            if tokens != cached_tokens:
+                raise CacheError(
+                    f"example {record} is tokenised differently from when the teacher cache {self.directory} was "
+                    "built (another tokenizer, template or version of the data code): rebuild the cache"
+                )
             rows.append(self.shards[shard][start:end])
         return torch.cat(rows).to(self.lm_head.weight.device, self.lm_head.weight.dtype)
 

@@ -273,7 +273,7 @@ class DistillationModule(L.LightningModule):
                 "a cached teacher needs each batch's 'record' (the example's index in its data file), "
                 "which InstructionDataModule adds; batches without it need the live teacher"
             )
-        return self.teacher.counted_hidden_states(batch["record"], counted)
+        return self.teacher.counted_hidden_states(batch)
 
     def logits(self, role: str, hidden: Tensor) -> Tensor:
         """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding

@@ -133,6 +133,15 @@ def test_examples_the_cache_lacks_are_named(teacher, tokenizer, records, tmp_pat
         cached.training_step(next(iter(larger.train_dataloader())), 0)
 
 
+def test_an_example_tokenised_differently_is_refused(teacher, datamodule, tmp_path):
+    write_cache(tmp_path / "cache", teacher, datamodule)
+    _, cached = live_and_cached(teacher, tmp_path / "cache", "fkl", adakd=False)
+    batch = next(iter(datamodule.train_dataloader()))
+    batch["input_ids"][0, 3] += 1  # as another tokenizer or template would
+    with pytest.raises(CacheError, match="tokenised differently .* rebuild the cache"):
+        cached.training_step(batch, 0)
+
+
 def kd(command, *args, cwd):
     return subprocess.run(
         [sys.executable, "-c", f"from kd_lightning.{command} import main; main()", *args],
