@@ -249,13 +249,16 @@ def latf_at(ratio):
     return policy
 
 
-@pytest.mark.parametrize("kept_ratio", [1.0, 0.5], ids=["all-tokens", "latf-half"])
-def test_cross_entropy_mix_runs_fused_and_equals_eager(kept_ratio, batch):
-    """ce_weight = 0.5 stays on the fused path, with LATF too: loss, its parts and the
-    student's gradients equal the eager path's, in float64."""
+@pytest.mark.parametrize(
+    "kept_ratio, ce_weight", [(1.0, 0.5), (0.5, 0.5), (0.5, 1.0)], ids=["all-tokens", "latf-half", "latf-half-ce-only"]
+)
+def test_cross_entropy_mix_runs_fused_and_equals_eager(kept_ratio, ce_weight, batch):
+    """ce_weight > 0 stays on the fused path, with LATF too: loss, its parts (the KD part
+    still reported at ce_weight = 1) and the student's gradients equal the eager path's,
+    in float64."""
     results = []
     for loss_impl in ("eager", "fused"):
-        module = make_module(divergence="fkl", temperature=2.0, ce_weight=0.5, loss_impl=loss_impl, chunk_size=37)
+        module = make_module(divergence="fkl", temperature=2.0, ce_weight=ce_weight, loss_impl=loss_impl, chunk_size=37)
         module.double().token_policies.append(latf_at(kept_ratio))
         assert (module.fused_head_weights() is not None) == (loss_impl == "fused")
         out = module.training_step(batch, 0)
