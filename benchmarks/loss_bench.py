@@ -65,7 +65,7 @@ def case_function(case: str, args):
                 student_weight.grad = student_logits.T @ student_hidden
 
         return run
-    if kind in ("eager", "fused", "compiled"):
+    if kind in ("eager", "fused", "compiled", "fused-bf16", "compiled-bf16"):
         divergence = losses.get(name)
 
         def run(student_hidden, student_weight, teacher_hidden, teacher_weight):
@@ -74,7 +74,8 @@ def case_function(case: str, args):
             else:
                 per_token = losses.fused_linear_divergence(
                     divergence, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                    args.temperature, args.chunk_size, compile=kind == "compiled",
+                    args.temperature, args.chunk_size, compile=kind.startswith("compiled"),
+                    matmul_dtype=torch.bfloat16 if kind.endswith("-bf16") else None,
                 )
             per_token.mean().backward()
 
@@ -215,7 +216,7 @@ def table(summaries: list[dict], args) -> str:
         "",
         "eager: materialised logits, autograd through the divergence; fused: "
         "`losses.fused_linear_divergence`; compiled: the same with `compile=True` (each process compiles in its "
-        "warm-up call). Peak memory is the timed call's resident high-water mark "
+        "warm-up call); -bf16: with `matmul_dtype=torch.bfloat16` (the four matmuls in bf16). Peak memory is the timed call's resident high-water mark "
         "(CPU) or allocator's peak (GPU) above the inputs, the highest of the rounds, minus the floor's.",
     ]
     if args.device == "cuda":
@@ -273,7 +274,7 @@ def main() -> None:
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.measure:
-        if args.measure.startswith(("compiled:", "liger:")):  # torch.compile: the warm-up call compiles
+        if args.measure.startswith(("compiled", "liger:")):  # torch.compile: the warm-up call compiles
             args.warmup = max(args.warmup, 1)
         print(json.dumps(measure(args.measure, args)))
         return
@@ -283,6 +284,7 @@ def main() -> None:
     cases = args.cases or [
         "floor",
         *[f"{kind}:{name}" for name in losses.available() for kind in ("eager", "fused", "compiled")],
+        *[f"{kind}:{name}" for name in ("fkl", "rkl", "jsd", "csd") for kind in ("fused-bf16", "compiled-bf16")],
         "liger:jsd",
         "trl:jsd",
         "torchtune:fkl",

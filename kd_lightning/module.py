@@ -97,6 +97,9 @@ class DistillationModule(L.LightningModule):
             intermediate (256 × 151,936 × 4 B = 156 MB).
         compile_loss: fuse each chunk's passes over the vocabulary with ``torch.compile``
             (several times less elementwise work; the first step compiles).
+        loss_matmul_dtype: ``bfloat16``: the fused path's logit and gradient matmuls in
+            bf16 (fast on CPUs with bf16 matrix units), accumulators and the divergence
+            in float32; ``None`` (default): the lm_heads' own dtype.
         teacher_placement: under FSDP, ``sharded`` (default: per decoder layer, like the
             student), ``replicated`` (a whole copy per process: no gathers, most memory)
             or ``offloaded`` (sharded, and kept in CPU memory between uses; on CPU runs
@@ -124,6 +127,7 @@ class DistillationModule(L.LightningModule):
         loss_impl: str = "fused",
         chunk_size: int = 256,
         compile_loss: bool = False,
+        loss_matmul_dtype: str | None = None,
         teacher_placement: str = "sharded",
         gradient_checkpointing: bool = False,
     ):
@@ -139,6 +143,9 @@ class DistillationModule(L.LightningModule):
         check_temperature(temperature)
         if not 0 <= ce_weight <= 1:
             raise ValueError(f"ce_weight must be between 0 and 1, got {ce_weight}")
+        if loss_matmul_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"loss_matmul_dtype must be null, bfloat16, float16 or float32, got {loss_matmul_dtype!r}")
+        self.loss_matmul_dtype = None if loss_matmul_dtype is None else getattr(torch, loss_matmul_dtype)
         self.divergence = divergence
         self.temperature = float(temperature)
         self.ce_weight, self.scale_by_tau_sq, self.vocab_size = ce_weight, scale_by_tau_sq, vocab_size
@@ -326,18 +333,20 @@ class DistillationModule(L.LightningModule):
             per_token, cross_entropy = losses.fused_linear_divergence(
                 self.divergence, student_hidden, head_weights[0], teacher_hidden, head_weights[1],
                 tokens.temperature, self.chunk_size, weights=loss_weights, labels=labels, compile=self.compile_loss,
-                ce_weights=self.ce_weight * scale / ce_count,
+                ce_weights=self.ce_weight * scale / ce_count, matmul_dtype=self.loss_matmul_dtype,
             )
             per_token = per_token[keep]
         elif cross_entropy is None:  # every token kept: cross-entropy comes from the same pass
             per_token, cross_entropy = losses.fused_linear_divergence(
                 self.divergence, student_hidden, head_weights[0], teacher_hidden, head_weights[1],
                 temperature, self.chunk_size, weights=token_weights, labels=labels, compile=self.compile_loss,
+                matmul_dtype=self.loss_matmul_dtype,
             )
         else:
             per_token = losses.fused_linear_divergence(
                 self.divergence, student_hidden[keep], head_weights[0], teacher_hidden[keep], head_weights[1],
                 temperature, self.chunk_size, weights=token_weights, compile=self.compile_loss,
+                matmul_dtype=self.loss_matmul_dtype,
             )
         kd_loss = (token_weights * per_token).sum() * scale / kd_count
         ce_loss = cross_entropy.sum() * scale / ce_count

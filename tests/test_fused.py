@@ -90,6 +90,28 @@ def test_float32_and_bf16_weights(name, params):
             torch.testing.assert_close(fused_grad.double(), grad, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("name", ["fkl", "jsd", "csd"])
+def test_bf16_matmuls_of_float32_weights(name):
+    """``matmul_dtype=bfloat16``: float32 in and out, within bf16 rounding of the float64
+    reference, and equal to the fused pass on bf16 copies of the inputs."""
+    divergence = losses.get(name)
+    (value, *grads), _ = eager_and_fused(divergence, 2.0, 8)
+    student_hidden, student_weight, teacher_hidden, teacher_weight = problem(torch.float32)
+    fused = losses.fused_linear_divergence(
+        divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, 2.0, 8, matmul_dtype=torch.bfloat16
+    )
+    fused_grads = torch.autograd.grad(fused.sum(), (student_hidden, student_weight))
+    bf16_inputs = [tensor.detach().bfloat16().requires_grad_(tensor.requires_grad) for tensor in problem(torch.float32)]
+    bf16 = losses.fused_linear_divergence(divergence, *bf16_inputs, 2.0, 8)
+    bf16_grads = torch.autograd.grad(bf16.sum(), bf16_inputs[:2])
+    torch.testing.assert_close(fused, bf16)
+    torch.testing.assert_close(fused.double(), value, rtol=0.1, atol=0.02)
+    for fused_grad, bf16_grad, grad in zip(fused_grads, bf16_grads, grads):
+        assert fused_grad.dtype == torch.float32
+        torch.testing.assert_close(fused_grad, bf16_grad.float(), rtol=0.02, atol=1e-3)
+        torch.testing.assert_close(fused_grad.double(), grad, rtol=0.1, atol=0.02)
+
+
 def test_cross_entropy_from_the_same_pass():
     student_hidden, student_weight, teacher_hidden, teacher_weight = problem()
     labels = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(1))

@@ -181,6 +181,7 @@ def test_padded_vocabularies_are_aligned(batch):
         ({"temperature": -2.0}, "temperature must be finite and > 0"),
         ({"ce_weight": 1.5}, "ce_weight"),
         ({"divergence": "jsd", "divergence_kwargs": {"beta": 1.0}}, "beta"),
+        ({"loss_matmul_dtype": "bf16"}, "loss_matmul_dtype must be null, bfloat16"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
@@ -290,3 +291,16 @@ def test_cross_entropy_mix_builds_no_full_vocabulary_logits(batch):
             assert max(recorder.rows) <= max(chunk_size, hidden_size) < counted
         else:
             assert max(recorder.rows) >= counted
+
+
+def test_bf16_loss_matmuls_stay_close_to_float32(batch):
+    """``loss_matmul_dtype=bfloat16`` changes the loss and gradients by bf16 rounding only."""
+    results = []
+    for matmul_dtype in (None, "bfloat16"):
+        module = make_module(temperature=2.0, ce_weight=0.5, loss_matmul_dtype=matmul_dtype)
+        out = module.training_step(batch, 0)
+        out["loss"].backward()
+        results.append([out["loss"].detach(), *(p.grad for p in module.student.parameters())])
+    for bf16, plain in zip(*results):
+        assert bf16.dtype == plain.dtype == torch.float32
+        torch.testing.assert_close(bf16, plain, rtol=0.05, atol=2e-3)

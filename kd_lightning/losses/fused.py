@@ -31,14 +31,20 @@ def chunked_pass(
     labels: Tensor | None = None,
     compile: bool = False,
     ce_weights: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """D per token, the student's cross-entropy on ``labels`` at τ = 1 (zeros without
     labels), and the gradients of ``Σ_i weights_i · D_i + Σ_i ce_weights_i · CE_i`` with
     respect to the student's hidden states and lm_head weight. Tokens whose weight and
-    ce weight are both 0 are skipped entirely: their D and cross-entropy are 0."""
+    ce weight are both 0 are skipped entirely: their D and cross-entropy are 0.
+    ``matmul_dtype`` runs the four matmuls in that dtype (copies of the weights, once per
+    pass), everything else in the weights' compute dtype."""
     step = compiled_chunk_step(divergence) if compile else functools.partial(chunk_step, divergence)
     ce_step = compiled_cross_entropy_step() if compile else cross_entropy_step
     dtype = compute_dtype(student_weight, teacher_weight)
+    if matmul_dtype is not None:
+        student_hidden, student_weight = student_hidden.to(matmul_dtype), student_weight.to(matmul_dtype)
+        teacher_hidden, teacher_weight = teacher_hidden.to(matmul_dtype), teacher_weight.to(matmul_dtype)
     values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
     cross_entropy = torch.zeros_like(values)
     hidden_grad = torch.zeros_like(student_hidden, dtype=dtype) if with_gradients else None
@@ -146,14 +152,15 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size,
-        labels, compile, ce_weights,
+        labels, compile, ce_weights, matmul_dtype,
     ):
         inputs = (divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
         needs_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         values, cross_entropy, hidden_grad, weight_grad = chunked_pass(
-            *inputs, weights, chunk_size, needs_gradients, labels, compile, ce_weights
+            *inputs, weights, chunk_size, needs_gradients, labels, compile, ce_weights, matmul_dtype
         )
         ctx.inputs, ctx.chunk_size, ctx.labels, ctx.compile = inputs, chunk_size, labels, compile
+        ctx.matmul_dtype = matmul_dtype
         ctx.weights, ctx.ce_weights = weights, ce_weights
         ctx.hidden_grad, ctx.weight_grad = hidden_grad, weight_grad
         if ce_weights is None:
@@ -180,13 +187,13 @@ class _FusedLinearDivergence(torch.autograd.Function):
             _, _, hidden_grad, weight_grad = chunked_pass(
                 *ctx.inputs, exact_weights, ctx.chunk_size, compile=ctx.compile,
                 labels=ctx.labels if with_cross_entropy else None,
-                ce_weights=exact_ce_weights if with_cross_entropy else None,
+                ce_weights=exact_ce_weights if with_cross_entropy else None, matmul_dtype=ctx.matmul_dtype,
             )
         ctx.hidden_grad = ctx.weight_grad = None
         return (
             hidden_grad.to(student_hidden.dtype) if ctx.needs_input_grad[0] else None,
             weight_grad.to(student_weight.dtype) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -202,6 +209,7 @@ def fused_linear_divergence(
     labels: Tensor | None = None,
     compile: bool = False,
     ce_weights: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
     per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
@@ -221,6 +229,9 @@ def fused_linear_divergence(
             ``softmax(z) − onehot(label)`` joins the divergence's in the same chunk, so
             ``Σ weights·D + Σ ce_weights·CE`` never builds the full logits either. Tokens
             of zero weight but nonzero ce weight get their D computed too.
+        matmul_dtype: e.g. ``torch.bfloat16``: the logit and gradient matmuls in that
+            dtype (fast on CPUs with bf16 matrix units and on GPUs), with float32
+            accumulators and float32 elementwise work; gradients keep the inputs' dtypes.
         compile: run each chunk's passes over the vocabulary through ``torch.compile``,
             which fuses them (several times faster on CPU; the first call compiles).
 
@@ -250,6 +261,6 @@ def fused_linear_divergence(
         ce_weights = ce_weights.detach().to(dtype).expand(tokens).contiguous()
     values, cross_entropy = _FusedLinearDivergence.apply(
         student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-        divergence, temperature, weights, chunk_size, labels, compile, ce_weights,
+        divergence, temperature, weights, chunk_size, labels, compile, ce_weights, matmul_dtype,
     )
     return values if labels is None else (values, cross_entropy)
