@@ -184,6 +184,25 @@ def test_cross_entropy_gradient_in_the_fused_pass(name, params, chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_compiled_cross_entropy_gradient_equals_eager():
+    divergence = losses.get("fkl")
+    student_hidden, student_weight, teacher_hidden, teacher_weight = problem(torch.float32)
+    labels = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(1))
+    student_logits = student_hidden @ student_weight.T
+    eager = divergence(student_logits, teacher_hidden @ teacher_weight.T, 2.0).sum() + 0.5 * torch.nn.functional.cross_entropy(
+        student_logits, labels, reduction="sum"
+    )
+    values, cross_entropy = losses.fused_linear_divergence(
+        divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, 2.0, 8,
+        labels=labels, ce_weights=torch.full((TOKENS,), 0.5), compile=True,
+    )
+    fused = values.sum() + 0.5 * cross_entropy.sum()
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+    eager_grads = torch.autograd.grad(eager, (student_hidden, student_weight))
+    for fused_grad, grad in zip(torch.autograd.grad(fused, (student_hidden, student_weight)), eager_grads):
+        torch.testing.assert_close(fused_grad, grad, rtol=1e-4, atol=1e-5)
+
+
 def test_cross_entropy_with_any_upstream_gradient_is_exact():
     """Upstream gradients not proportional to (weights, ce_weights) are recomputed."""
     weights, ce_weights = torch.ones(TOKENS, dtype=torch.float64), torch.full((TOKENS,), 0.5, dtype=torch.float64)

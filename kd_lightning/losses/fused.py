@@ -57,10 +57,10 @@ def chunked_pass(
         if labels is None:  # z/τ = (h/τ) W^T: the temperature costs no pass over the vocabulary
             student_logits = (hidden * inverse_tau.to(hidden.dtype)) @ student_weight.T
         else:
-            student_logits = hidden @ student_weight.T
+            student_logits = (hidden @ student_weight.T).to(dtype)
             ce_scale = ce_weights[rows] if with_gradients and ce_weights is not None else None
-            cross_entropy[rows], ce_grad = ce_step(student_logits.to(dtype), labels[rows], ce_scale)
-            student_logits = student_logits.to(dtype) * inverse_tau
+            cross_entropy[rows], ce_grad = ce_step(student_logits, labels[rows], ce_scale)
+            student_logits = student_logits * inverse_tau
         teacher_logits = (teacher_hidden[rows] * inverse_tau.to(teacher_hidden.dtype)) @ teacher_weight.T
         gradient_scale = weights[rows] / tau if with_gradients else None
         values[rows], logit_grad = step(student_logits.to(dtype), teacher_logits.to(dtype), gradient_scale)
