@@ -239,7 +239,10 @@ def run_case(case: str, args) -> dict:
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {"case": case, "error": f"failed: {done.stderr.strip()[-200:]}"}
+    if lines:
+        return json.loads(lines[-1])
+    last_line = (done.stderr.strip().splitlines() or ["no output"])[-1]  # the exception's message
+    return {"case": case, "error": f"failed: {last_line[:300]}"}
 
 
 def interleaved_rounds(cases: list[str], repeats: int, measure_once) -> dict[str, list[dict]]:
