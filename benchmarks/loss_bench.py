@@ -143,18 +143,19 @@ def memory_bytes(device: str, peak: bool) -> int:
 
 def measure(case: str, args) -> dict:
     """Run ``case`` in this process: seconds of the timed call, and its peak memory above
-    the inputs (the warm-up calls, where torch.compile compiles, are not in the window)."""
+    what was in use just before it (the inputs, and what the warm-up calls left, such as
+    torch.compile's compiled code: the loss's working memory alone)."""
     tensors = inputs(args)
     try:
         run = case_function(case, args)
     except ImportError as error:
         return {"case": case, "error": f"not installed ({error.__class__.__name__}: {str(error).strip()[:80]})"}
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    baseline = memory_bytes(args.device, peak=False)
     for warm in range(args.warmup):
         run(*tensors)
         tensors[0].grad = tensors[1].grad = None
     synchronize()
+    baseline = memory_bytes(args.device, peak=False)
     reset_peak(args.device)
     start = time.perf_counter()
     run(*tensors)
@@ -195,7 +196,7 @@ def table(summaries: list[dict], args) -> str:
         f"call{'s' if args.warmup != 1 else ''}, then one timed forward + backward.",
         "",
         f"Floor (the four matmuls alone): median {floor['median']:.3f} s (min–max {floor['min']:.3f}–{floor['max']:.3f}), "
-        f"peak {floor['peak_gib']:.2f} GiB above the inputs.",
+        f"peak {floor['peak_gib']:.2f} GiB above the memory in use before the call.",
         "",
         "| case | median (s) | min–max (s) | median / floor | peak above floor (GiB) | extra peak / naive FKL's |",
         "|---|---:|---:|---:|---:|---:|",
@@ -217,7 +218,8 @@ def table(summaries: list[dict], args) -> str:
         "eager: materialised logits, autograd through the divergence; fused: "
         "`losses.fused_linear_divergence`; compiled: the same with `compile=True` (each process compiles in its "
         "warm-up call); -bf16: with `matmul_dtype=torch.bfloat16` (the four matmuls in bf16). Peak memory is the timed call's resident high-water mark "
-        "(CPU) or allocator's peak (GPU) above the inputs, the highest of the rounds, minus the floor's.",
+        "(CPU) or allocator's peak (GPU) above the memory in use just before it (inputs, compiled code), the highest of the rounds, "
+        "minus the floor's.",
     ]
     if args.device == "cuda":
         lines += ["", f"For reference: {LIGER_GPU_ANCHOR}."]
