@@ -11,8 +11,9 @@ Cases are interleaved: ``--steps`` rounds, each running every case once in a fre
 process (``--warmup`` untimed steps, then one timed step: forward, backward and optimizer
 step), the order rotated from round to round. The table gives the median with min–max
 over the rounds, the ratio of the medians to the floor's, and each case's peak memory
-during its steps (the resident high-water mark, reset through ``/proc/self/clear_refs``
-once the models are loaded, so loading does not count; the allocator's peak on CUDA).
+during its timed step (the process's resident high-water mark, reset through
+``/proc/self/clear_refs`` as the step starts, so it counts the models, optimizer state
+and the step's own memory, not loading or compiling; the allocator's peak on CUDA).
 
     python benchmarks/step_bench.py                      # → benchmarks/results/step_bench_cpu.md
     python benchmarks/step_bench.py --device cuda        # → benchmarks/results/step_bench_gpu.md
@@ -81,16 +82,17 @@ LIGER_GPU_ANCHOR = (
 
 # ------------------------------------------------------------------ measuring
 class Meter:
-    """Wall time of each step (synchronised on CUDA) and the peak memory since ``reset``."""
+    """Wall time of each step (synchronised on CUDA) and the peak memory of the timed step,
+    the first after ``warmup`` steps (models, optimizer state and data already in memory;
+    loading and compiling not in the window)."""
 
-    def __init__(self, device: str):
-        self.device, self.seconds = device, []
-
-    def reset(self) -> None:
-        reset_peak(self.device)
+    def __init__(self, device: str, warmup: int):
+        self.device, self.warmup, self.seconds = device, warmup, []
 
     def start(self) -> None:
         self.synchronize()
+        if len(self.seconds) == self.warmup:
+            reset_peak(self.device)
         self.started = time.perf_counter()
 
     def stop(self) -> None:
@@ -111,9 +113,6 @@ METER: Meter | None = None
 class LightningMeter(L.Callback):
     """Feeds ``METER`` from the Lightning Trainer: batch start to batch end is forward,
     backward and optimizer step."""
-
-    def on_train_start(self, trainer, pl_module):
-        METER.reset()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         METER.start()
@@ -286,7 +285,6 @@ def loop_case(case: str, args, data_file: Path, run_dir: Path) -> None:
     cfg, _, teacher, student, batch = models_and_batch(args, data_file, run_dir)
     loss = peer_loss(case, teacher, student, batch)
     optimizer = instantiate(cfg.module.optimizer)(student.parameters())
-    METER.reset()
     for _ in range(args.warmup + 1):
         METER.start()
         loss().backward()
@@ -308,9 +306,6 @@ def trl_gkd_case(args, data_file: Path, run_dir: Path) -> None:
     student.hf_quantizer, student.is_quantized = None, False
 
     class HuggingFaceMeter(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            METER.reset()
-
         def on_step_begin(self, *_, **__):
             METER.start()
 
@@ -336,7 +331,7 @@ def trl_gkd_case(args, data_file: Path, run_dir: Path) -> None:
 def measure(case: str, args) -> dict:
     """Run ``case`` in this process; its timed step's seconds and the peak memory of its steps."""
     global METER
-    METER = Meter(args.device)
+    METER = Meter(args.device, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -400,8 +395,8 @@ def table(summaries: list[dict], args, batch: str) -> str:
         "",
         "floor: the student's cross-entropy fine-tuning step plus the teacher's forward pass under no_grad. "
         "kd-*: `kd-train` through the Lightning Trainer with the override named in the script's docstring. "
-        "Peak memory: the process's resident high-water mark during its steps (CPU; models and optimizer "
-        "state included, loading excluded) or the CUDA allocator's peak, the highest of the rounds.",
+        "Peak memory: the process's resident high-water mark during the timed step (CPU; models and optimizer "
+        "state included, loading and compiling excluded) or the CUDA allocator's peak, the highest of the rounds.",
     ]
     if notes:
         lines += ["", "Not measured:", *notes]
