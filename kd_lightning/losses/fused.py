@@ -220,10 +220,12 @@ def fused_linear_divergence(
         temperature: a float or ``[N]``.
         weights: ``[N]``, optional: the weights the caller will apply to D (e.g. τ²) —
             the gradients are then ready after the forward pass. Tokens of zero weight
-            are skipped entirely (D = 0, no gradient).
+            (and zero ce weight) are skipped entirely (D = 0, no gradient).
         labels: ``[N]``, optional: then the student's cross-entropy on them at τ = 1 comes
             back too, as ``(D, cross_entropy)``, from the same pass (without gradient
             unless ``ce_weights`` is given).
+        compile: run each chunk's passes over the vocabulary through ``torch.compile``,
+            which fuses them (several times faster on CPU; the first call compiles).
         ce_weights: ``[N]``, optional, with ``labels``: the weights the caller will apply
             to the cross-entropy, which is then differentiable; its logit gradient
             ``softmax(z) − onehot(label)`` joins the divergence's in the same chunk, so
@@ -232,8 +234,6 @@ def fused_linear_divergence(
         matmul_dtype: e.g. ``torch.bfloat16``: the logit and gradient matmuls in that
             dtype (fast on CPUs with bf16 matrix units and on GPUs), with float32
             accumulators and float32 elementwise work; gradients keep the inputs' dtypes.
-        compile: run each chunk's passes over the vocabulary through ``torch.compile``,
-            which fuses them (several times faster on CPU; the first call compiles).
 
     Differentiable with respect to ``student_hidden`` and ``student_weight``; equal to the
     unfused computation within float32 tolerance, never holding more than
