@@ -165,13 +165,14 @@ def measure(case: str, args) -> dict:
 
 
 def summary(case: str, rounds: list[dict]) -> dict:
-    """One case over the rounds: median, min and max seconds, the highest peak; the first
-    error when a round failed."""
+    """One case over the rounds: median, min and max seconds, the highest peak, other
+    fields of the last round as they are; the first error when a round failed."""
     errors = [result["error"] for result in rounds if "error" in result]
     if errors:
         return {"case": case, "error": errors[0]}
     seconds = sorted(result["seconds"] for result in rounds)
     return {
+        **{key: value for key, value in rounds[-1].items() if key not in ("seconds", "peak_gib")},
         "case": case, "median": statistics.median(seconds), "min": seconds[0], "max": seconds[-1],
         "rounds": len(seconds), "peak_gib": max(result["peak_gib"] for result in rounds),
     }

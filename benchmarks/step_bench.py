@@ -88,6 +88,7 @@ class Meter:
 
     def __init__(self, device: str, warmup: int):
         self.device, self.warmup, self.seconds = device, warmup, []
+        self.loss_tokens: int | None = None  # tokens in the loss, where the step reports them
 
     def start(self) -> None:
         self.synchronize()
@@ -119,6 +120,7 @@ class LightningMeter(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         METER.stop()
+        METER.loss_tokens = int(outputs["kept_tokens"])
 
 
 def pinned_latf(ratio: float, **latf_options):
@@ -350,10 +352,11 @@ def measure(case: str, args) -> dict:
             return {"case": case, "error": message}
     if len(METER.seconds) != args.warmup + 1:
         return {"case": case, "error": f"ran {len(METER.seconds)} steps instead of {args.warmup + 1}"}
-    return {"case": case, "seconds": METER.seconds[-1], "peak_gib": METER.peak_gib()}
+    result = {"case": case, "seconds": METER.seconds[-1], "peak_gib": METER.peak_gib()}
+    return result if METER.loss_tokens is None else {**result, "loss_tokens": METER.loss_tokens}
 
 
-def batch_description(args) -> str:
+def batch_shape_and_counted_tokens(args) -> tuple[str, int]:
     from hydra.utils import instantiate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -364,23 +367,23 @@ def batch_description(args) -> str:
         datamodule.setup()
         batch = next(iter(datamodule.train_dataloader()))
     shape = "×".join(str(size) for size in batch["input_ids"].shape)
-    return f"batch {shape} tokens, {int(counted_positions(batch).sum())} counted (response) tokens"
+    return shape, int(counted_positions(batch).sum())
 
 
-def table(summaries: list[dict], args, batch: str) -> str:
+def table(summaries: list[dict], args, shape: str, counted: int) -> str:
     floor = next(result for result in summaries if result["case"] == "floor")
     if "error" in floor:
         raise RuntimeError(f"the floor failed: {floor['error']}")
     lines = [
         f"# Training step benchmark ({args.device})",
         "",
-        f"SmolLM2-135M-Instruct teacher → layer-copy student (`model=smollm2`), {batch}, forward KL at τ = 1, "
+        f"SmolLM2-135M-Instruct teacher → layer-copy student (`model=smollm2`), batch {shape} tokens, {counted} counted (response) tokens, forward KL at τ = 1, "
         f"AdamW; {device_name(args)}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads. "
         f"{args.steps} interleaved rounds; in each, every case runs in a fresh process: {args.warmup} untimed "
         f"step{'s' if args.warmup != 1 else ''}, then one timed step (forward, backward, optimizer step).",
         "",
-        "| case | median (s) | min–max (s) | median / floor | peak memory (GiB) | peak / floor's |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| case | median (s) | min–max (s) | median / floor | peak memory (GiB) | peak / floor's | tokens in the loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for result in summaries:
@@ -389,7 +392,8 @@ def table(summaries: list[dict], args, batch: str) -> str:
             continue
         lines.append(
             f"| {result['case']} | {result['median']:.3f} | {result['min']:.3f}–{result['max']:.3f} | "
-            f"{result['median'] / floor['median']:.2f} | {result['peak_gib']:.2f} | {result['peak_gib'] / floor['peak_gib']:.2f} |"
+            f"{result['median'] / floor['median']:.2f} | {result['peak_gib']:.2f} | {result['peak_gib'] / floor['peak_gib']:.2f} | "
+            f"{result.get('loss_tokens', counted)} |"
         )
     lines += [
         "",
@@ -445,7 +449,7 @@ def main() -> None:
     rounds = interleaved_rounds(cases, args.steps, lambda case: run_case(case, args))
     out = args.out or RESULTS / f"step_bench_{'gpu' if args.device == 'cuda' else 'cpu'}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table([summary(case, rounds[case]) for case in cases], args, batch_description(args)))
+    out.write_text(table([summary(case, rounds[case]) for case in cases], args, *batch_shape_and_counted_tokens(args)))
     print(f"results: {out}")
 
 
