@@ -341,3 +341,7 @@ def main() -> None:
     import hydra
 
     hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")(build)()
+
+
+if __name__ == "__main__":
+    main()

@@ -107,12 +107,15 @@ class DistillationModule(L.LightningModule):
         loss_impl: ``fused`` (default): lm_head and divergence chunk by chunk
             (``losses.fused_linear_divergence``), never the full logits of either model;
             ``eager``: the logits of the counted tokens, then the divergence. The fused
-            path needs bias-free linear lm_heads and ``ce_weight = 0``; otherwise the
-            module uses the eager one.
+            path (the cross-entropy of ``ce_weight`` included) needs bias-free linear
+            lm_heads; otherwise the module uses the eager one.
         chunk_size: tokens per chunk of the fused path: chunk_size × V floats per
             intermediate (256 × 151,936 × 4 B = 156 MB).
         compile_loss: fuse each chunk's passes over the vocabulary with ``torch.compile``
             (several times less elementwise work; the first step compiles).
+        loss_matmul_dtype: ``bfloat16``: the fused path's logit and gradient matmuls in
+            bf16 (fast on CPUs with bf16 matrix units), accumulators and the divergence
+            in float32; ``None`` (default): the lm_heads' own dtype.
         teacher_placement: under FSDP, ``sharded`` (default: per decoder layer, like the
             student), ``replicated`` (a whole copy per process: no gathers, most memory)
             or ``offloaded`` (sharded, and kept in CPU memory between uses; on CPU runs
@@ -143,6 +146,7 @@ class DistillationModule(L.LightningModule):
         loss_impl: str = "fused",
         chunk_size: int = 256,
         compile_loss: bool = False,
+        loss_matmul_dtype: str | None = None,
         teacher_placement: str = "sharded",
         gradient_checkpointing: bool = False,
         lora: Mapping | None = None,
@@ -159,6 +163,9 @@ class DistillationModule(L.LightningModule):
         check_temperature(temperature)
         if not 0 <= ce_weight <= 1:
             raise ValueError(f"ce_weight must be between 0 and 1, got {ce_weight}")
+        if loss_matmul_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"loss_matmul_dtype must be null, bfloat16, float16 or float32, got {loss_matmul_dtype!r}")
+        self.loss_matmul_dtype = None if loss_matmul_dtype is None else getattr(torch, loss_matmul_dtype)
         self.divergence = divergence
         self.temperature = float(temperature)
         self.ce_weight, self.scale_by_tau_sq, self.vocab_size = ce_weight, scale_by_tau_sq, vocab_size
@@ -302,7 +309,7 @@ class DistillationModule(L.LightningModule):
     def fused_head_weights(self) -> tuple[Tensor, Tensor] | None:
         """The lm_head weights ``[V, H]`` of student and teacher, cut to ``vocab_size``,
         when the fused loss applies; ``None`` for the eager path."""
-        if self.loss_impl != "fused" or self.ce_weight > 0:
+        if self.loss_impl != "fused":
             return None
         heads = [lm_head(model) for model in (self.student, self.teacher)]
         if not all(isinstance(head, nn.Linear) and head.bias is None for head in heads):
@@ -316,7 +323,8 @@ class DistillationModule(L.LightningModule):
     def distillation_losses(self, batch: dict, apply_policies: bool) -> dict[str, Tensor]:
         """The §1 loss and its parts; ``apply_policies`` runs the token policies (training).
 
-        Only kept tokens pay for the student lm_head's backward pass. Token policies
+        Only kept tokens pay for the student lm_head's backward pass (every counted token
+        with ``ce_weight > 0``: the cross-entropy counts them all). Token policies
         judge difficulty from logits computed without gradient (in the fused path, one
         extra chunked pass over both lm_heads).
         """
@@ -350,24 +358,36 @@ class DistillationModule(L.LightningModule):
         keep = tokens.keep
         temperature = tokens.temperature[keep]
         token_weights = temperature.square() if self.scale_by_tau_sq else torch.ones_like(temperature)
+        # mean over the global batch: gradients are averaged over processes, so each
+        # process contributes its sum scaled by world_size / global count
+        scale = self.world_size()
+        kd_count = self.global_count(keep.sum()).clamp_min(1)
+        ce_count = self.global_count(torch.tensor(labels.numel(), device=labels.device)).clamp_min(1)
         if head_weights is None:
             kept_logits = student_logits[keep] if full_gradient else self.logits("student", student_hidden[keep])
             per_token = self.divergence(kept_logits, teacher_logits[keep], temperature)
+        elif self.ce_weight:  # both gradients from one pass over every counted token, at the loss's weights
+            loss_weights = torch.zeros_like(tokens.temperature)
+            loss_weights[keep] = (1 - self.ce_weight) * scale / kd_count * token_weights
+            per_token, cross_entropy = losses.fused_linear_divergence(
+                self.divergence, student_hidden, head_weights[0], teacher_hidden, head_weights[1],
+                tokens.temperature, self.chunk_size, weights=loss_weights, labels=labels, compile=self.compile_loss,
+                ce_weights=self.ce_weight * scale / ce_count, matmul_dtype=self.loss_matmul_dtype,
+            )
+            per_token = per_token[keep]
         elif cross_entropy is None:  # every token kept: cross-entropy comes from the same pass
             per_token, cross_entropy = losses.fused_linear_divergence(
                 self.divergence, student_hidden, head_weights[0], teacher_hidden, head_weights[1],
                 temperature, self.chunk_size, weights=token_weights, labels=labels, compile=self.compile_loss,
+                matmul_dtype=self.loss_matmul_dtype,
             )
         else:
             per_token = losses.fused_linear_divergence(
                 self.divergence, student_hidden[keep], head_weights[0], teacher_hidden[keep], head_weights[1],
                 temperature, self.chunk_size, weights=token_weights, compile=self.compile_loss,
+                matmul_dtype=self.loss_matmul_dtype,
             )
-        # mean over the global batch: gradients are averaged over processes, so each
-        # process contributes its sum scaled by world_size / global count
-        scale = self.world_size()
-        kd_loss = (token_weights * per_token).sum() * scale / self.global_count(keep.sum()).clamp_min(1)
-        ce_count = self.global_count(torch.tensor(labels.numel(), device=labels.device)).clamp_min(1)
+        kd_loss = (token_weights * per_token).sum() * scale / kd_count
         ce_loss = cross_entropy.sum() * scale / ce_count
         loss = (1 - self.ce_weight) * kd_loss + self.ce_weight * ce_loss if self.ce_weight else kd_loss
         return {

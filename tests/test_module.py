@@ -1,5 +1,6 @@
 """DistillationModule: the SPEC §1 loss, the frozen teacher, checkpoints, token policies."""
 
+import math
 from functools import partial
 
 import lightning as L
@@ -180,6 +181,7 @@ def test_padded_vocabularies_are_aligned(batch):
         ({"temperature": -2.0}, "temperature must be finite and > 0"),
         ({"ce_weight": 1.5}, "ce_weight"),
         ({"divergence": "jsd", "divergence_kwargs": {"beta": 1.0}}, "beta"),
+        ({"loss_matmul_dtype": "bf16"}, "loss_matmul_dtype must be null, bfloat16"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
@@ -217,7 +219,7 @@ def test_fused_and_eager_paths_agree(name, with_policy, batch):
 
 def test_fused_path_falls_back_to_eager_where_it_cannot_apply(batch):
     assert make_module().fused_head_weights() is not None
-    assert make_module(ce_weight=0.5).fused_head_weights() is None
+    assert make_module(ce_weight=0.5).fused_head_weights() is not None  # the cross-entropy joins the fused pass
     assert make_module(loss_impl="eager").fused_head_weights() is None
     with pytest.raises(ValueError, match="loss_impl"):
         make_module(loss_impl="triton")
@@ -237,3 +239,68 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
 def test_unknown_teacher_placement_is_named():
     with pytest.raises(ValueError, match="sharded, replicated, offloaded"):
         make_module(teacher_placement="gpu")
+
+
+def latf_at(ratio):
+    """LATF keeping the ``ratio`` hardest tokens, its ratio pinned (δ = 0)."""
+    from kd_lightning.callbacks import LossAdaptiveTokenFocusing
+
+    policy = LossAdaptiveTokenFocusing(delta=0.0)
+    policy.ratio = ratio
+    return policy
+
+
+@pytest.mark.parametrize(
+    "kept_ratio, ce_weight", [(1.0, 0.5), (0.5, 0.5), (0.5, 1.0)], ids=["all-tokens", "latf-half", "latf-half-ce-only"]
+)
+def test_cross_entropy_mix_runs_fused_and_equals_eager(kept_ratio, ce_weight, batch):
+    """ce_weight > 0 stays on the fused path, with LATF too: loss, its parts (the KD part
+    still reported at ce_weight = 1) and the student's gradients equal the eager path's,
+    in float64."""
+    results = []
+    for loss_impl in ("eager", "fused"):
+        module = make_module(divergence="fkl", temperature=2.0, ce_weight=ce_weight, loss_impl=loss_impl, chunk_size=37)
+        module.double().token_policies.append(latf_at(kept_ratio))
+        assert (module.fused_head_weights() is not None) == (loss_impl == "fused")
+        out = module.training_step(batch, 0)
+        out["loss"].backward()
+        results.append([out["loss"].detach(), out["kd_loss"], out["ce_loss"], *(p.grad for p in module.student.parameters())])
+    assert int(out["kept_tokens"]) == math.ceil(kept_ratio * int((batch["labels"][:, 1:] != -100).sum()))
+    for fused, eager in zip(*results):
+        torch.testing.assert_close(fused, eager)
+
+
+def test_cross_entropy_mix_builds_no_full_vocabulary_logits(batch):
+    """A fused training step with ce_weight = 0.5 and LATF, forward and backward, makes
+    no tensor holding more rows of the vocabulary than a chunk or the hidden size; the
+    same detector sees the eager path's logits of every counted token."""
+    from test_fused import LogitRows
+
+    hidden_size, chunk_size, vocab = 16, 8, 301
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    for loss_impl in ("fused", "eager"):
+        module = DistillationModule(
+            student=tiny_causal_lm(num_layers=1, hidden_size=hidden_size, vocab_size=vocab, seed=2),
+            teacher=tiny_causal_lm(num_layers=1, hidden_size=hidden_size, vocab_size=vocab, seed=1),
+            ce_weight=0.5, chunk_size=chunk_size, loss_impl=loss_impl,
+        )
+        module.token_policies.append(latf_at(0.5))
+        with LogitRows(vocab) as recorder:
+            module.training_step(batch, 0)["loss"].backward()
+        if loss_impl == "fused":
+            assert max(recorder.rows) <= max(chunk_size, hidden_size) < counted
+        else:
+            assert max(recorder.rows) >= counted
+
+
+def test_bf16_loss_matmuls_stay_close_to_float32(batch):
+    """``loss_matmul_dtype=bfloat16`` changes the loss and gradients by bf16 rounding only."""
+    results = []
+    for matmul_dtype in (None, "bfloat16"):
+        module = make_module(temperature=2.0, ce_weight=0.5, loss_matmul_dtype=matmul_dtype)
+        out = module.training_step(batch, 0)
+        out["loss"].backward()
+        results.append([out["loss"].detach(), *(p.grad for p in module.student.parameters())])
+    for bf16, plain in zip(*results):
+        assert bf16.dtype == plain.dtype == torch.float32
+        torch.testing.assert_close(bf16, plain, rtol=0.05, atol=2e-3)

@@ -1,7 +1,8 @@
 """lm_head and divergence fused, chunk by chunk over tokens: never the full logits.
 
 For each chunk of tokens the student's and the teacher's logits are computed, then the
-divergence and its analytic gradient in logit space (``Divergence.logit_gradient``), and
+divergence and its analytic gradient in logit space (``Divergence.logit_gradient``, plus
+the cross-entropy's ``softmax(z) − onehot(label)`` when it is weighted in), and
 that gradient goes straight through the student's lm_head into float32 accumulators
 for the hidden states and the weight. The chunk's logits are then dropped: memory holds
 one chunk of logits, whatever the number of tokens.
@@ -29,31 +30,45 @@ def chunked_pass(
     with_gradients: bool = True,
     labels: Tensor | None = None,
     compile: bool = False,
+    ce_weights: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """D per token, the student's cross-entropy on ``labels`` at τ = 1 (zeros without
-    labels), and the gradients of ``Σ_i weights_i · D_i`` with respect to the student's
-    hidden states and lm_head weight. Tokens of zero weight are skipped entirely: their
-    D and cross-entropy are 0."""
+    labels), and the gradients of ``Σ_i weights_i · D_i + Σ_i ce_weights_i · CE_i`` with
+    respect to the student's hidden states and lm_head weight. Tokens whose weight and
+    ce weight are both 0 are skipped entirely: their D and cross-entropy are 0.
+    ``matmul_dtype`` runs the four matmuls in that dtype (copies of the weights, once per
+    pass), everything else in the weights' compute dtype."""
     step = compiled_chunk_step(divergence) if compile else functools.partial(chunk_step, divergence)
+    ce_step = compiled_cross_entropy_step() if compile else cross_entropy_step
     dtype = compute_dtype(student_weight, teacher_weight)
+    if matmul_dtype is not None:
+        student_hidden, student_weight = student_hidden.to(matmul_dtype), student_weight.to(matmul_dtype)
+        teacher_hidden, teacher_weight = teacher_hidden.to(matmul_dtype), teacher_weight.to(matmul_dtype)
     values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
     cross_entropy = torch.zeros_like(values)
     hidden_grad = torch.zeros_like(student_hidden, dtype=dtype) if with_gradients else None
     weight_grad = torch.zeros_like(student_weight, dtype=dtype) if with_gradients else None
-    for rows in weights.nonzero().squeeze(-1).split(chunk_size):
+    visited = weights != 0 if ce_weights is None else (weights != 0) | (ce_weights != 0)
+    for rows in visited.nonzero().squeeze(-1).split(chunk_size):
         hidden, tau = student_hidden[rows], temperature[rows]
         inverse_tau = (1 / tau).unsqueeze(-1)
+        ce_grad = None
         if labels is None:  # z/τ = (h/τ) W^T: the temperature costs no pass over the vocabulary
             student_logits = (hidden * inverse_tau.to(hidden.dtype)) @ student_weight.T
         else:
-            student_logits = hidden @ student_weight.T
-            cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows])
-            student_logits = student_logits.to(dtype) * inverse_tau
+            student_logits = (hidden @ student_weight.T).to(dtype)
+            ce_scale = ce_weights[rows] if with_gradients and ce_weights is not None else None
+            cross_entropy[rows], ce_grad = ce_step(student_logits, labels[rows], ce_scale)
+            student_logits = student_logits * inverse_tau
         teacher_logits = (teacher_hidden[rows] * inverse_tau.to(teacher_hidden.dtype)) @ teacher_weight.T
         gradient_scale = weights[rows] / tau if with_gradients else None
         values[rows], logit_grad = step(student_logits.to(dtype), teacher_logits.to(dtype), gradient_scale)
         del student_logits, teacher_logits
         if with_gradients:
+            if ce_grad is not None:  # the cross-entropy's logit gradient joins in the same chunk
+                logit_grad += ce_grad
+                del ce_grad
             logit_grad = logit_grad.to(student_weight.dtype)
             hidden_grad[rows] = (logit_grad @ student_weight).to(dtype)
             if weight_grad.dtype == logit_grad.dtype:  # accumulate in place: no V×H temporary per chunk
@@ -85,8 +100,27 @@ def compiled_chunk_step(divergence: Divergence):
 
 def cross_entropy_per_token(logits: Tensor, labels: Tensor) -> Tensor:
     """``logsumexp(z) − z[label]`` per token, in float32 at least."""
-    logits = logits.to(compute_dtype(logits))
-    return torch.logsumexp(logits, -1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return cross_entropy_step(logits.to(compute_dtype(logits)), labels, None)[0]
+
+
+def cross_entropy_step(logits: Tensor, labels: Tensor, gradient_scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """From one chunk's logits ``z`` (τ = 1): ``CE = logsumexp(z) − z[label]`` per token and,
+    if ``gradient_scale`` is given, ``gradient_scale_i · ∂CE_i/∂z = gradient_scale_i ·
+    (softmax(z) − onehot(label))``."""
+    log_normalizer = torch.logsumexp(logits, -1, keepdim=True)
+    label_logits = logits.gather(-1, labels.unsqueeze(-1))
+    cross_entropy = (log_normalizer - label_logits).squeeze(-1)
+    if gradient_scale is None:
+        return cross_entropy, None
+    scale = gradient_scale.unsqueeze(-1)
+    gradient = torch.exp(logits - log_normalizer) * scale
+    return cross_entropy, gradient.scatter_add(-1, labels.unsqueeze(-1), -scale)
+
+
+@functools.cache
+def compiled_cross_entropy_step():
+    """``cross_entropy_step`` compiled by torch.compile (see ``compiled_chunk_step``)."""
+    return torch.compile(cross_entropy_step, dynamic=True)
 
 
 @torch.no_grad()
@@ -110,42 +144,56 @@ def token_statistics(
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
-    """Gradients are computed in the forward pass for an upstream gradient proportional to
-    ``weights`` (what a weighted mean of D gives) and scaled in backward; any other
-    upstream gradient is served exactly by a second chunked pass."""
+    """Gradients are computed in the forward pass for upstream gradients proportional to
+    ``(weights, ce_weights)`` (what a weighted mean of D and cross-entropy gives) and
+    scaled in backward; any other upstream gradient is served exactly by a second
+    chunked pass."""
 
     @staticmethod
     def forward(
         ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size,
-        labels, compile,
+        labels, compile, ce_weights, matmul_dtype,
     ):
         inputs = (divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
         needs_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         values, cross_entropy, hidden_grad, weight_grad = chunked_pass(
-            *inputs, weights, chunk_size, needs_gradients, labels, compile
+            *inputs, weights, chunk_size, needs_gradients, labels, compile, ce_weights, matmul_dtype
         )
-        ctx.inputs, ctx.chunk_size, ctx.compile = inputs, chunk_size, compile
-        ctx.weights, ctx.hidden_grad, ctx.weight_grad = weights, hidden_grad, weight_grad
-        ctx.mark_non_differentiable(cross_entropy)
+        ctx.inputs, ctx.chunk_size, ctx.labels, ctx.compile = inputs, chunk_size, labels, compile
+        ctx.matmul_dtype = matmul_dtype
+        ctx.weights, ctx.ce_weights = weights, ce_weights
+        ctx.hidden_grad, ctx.weight_grad = hidden_grad, weight_grad
+        if ce_weights is None:
+            ctx.mark_non_differentiable(cross_entropy)
         return values, cross_entropy
 
     @staticmethod
-    def backward(ctx, upstream, _cross_entropy_upstream):
-        weights, (_, student_hidden, student_weight, *_) = ctx.weights, ctx.inputs
-        weighted = weights != 0
-        scale = upstream[weighted][:1] / weights[weighted][:1] if weighted.any() else upstream.new_zeros(1)
-        if torch.allclose(upstream, scale * weights, rtol=1e-6, atol=0):
+    def backward(ctx, upstream, cross_entropy_upstream):
+        weights, ce_weights, (_, student_hidden, student_weight, *_) = ctx.weights, ctx.ce_weights, ctx.inputs
+        if ce_weights is None:  # the cross-entropy is then not differentiable: no upstream to match
+            ce_weights = cross_entropy_upstream = torch.zeros_like(weights)
+        foreseen, received = torch.cat([weights, ce_weights]), torch.cat([upstream, cross_entropy_upstream])
+        visited = (weights != 0) | (ce_weights != 0)
+        weighted = foreseen != 0
+        scale = received[weighted][:1] / foreseen[weighted][:1] if weighted.any() else received.new_zeros(1)
+        if torch.allclose(received, scale * foreseen, rtol=1e-6, atol=0):
             hidden_grad, weight_grad = ctx.hidden_grad * scale, ctx.weight_grad * scale
-        else:  # an upstream gradient the forward pass could not foresee: recompute
-            exact_weights = torch.where(weighted, upstream.to(weights.dtype), torch.zeros_like(weights))
+        else:  # upstream gradients the forward pass could not foresee: recompute
+            exact_weights, exact_ce_weights = (
+                torch.where(visited, gradient.to(weights.dtype), torch.zeros_like(weights))
+                for gradient in (upstream, cross_entropy_upstream)
+            )
+            with_cross_entropy = ctx.ce_weights is not None
             _, _, hidden_grad, weight_grad = chunked_pass(
-                *ctx.inputs, exact_weights, ctx.chunk_size, compile=ctx.compile
+                *ctx.inputs, exact_weights, ctx.chunk_size, compile=ctx.compile,
+                labels=ctx.labels if with_cross_entropy else None,
+                ce_weights=exact_ce_weights if with_cross_entropy else None, matmul_dtype=ctx.matmul_dtype,
             )
         ctx.hidden_grad = ctx.weight_grad = None
         return (
             hidden_grad.to(student_hidden.dtype) if ctx.needs_input_grad[0] else None,
             weight_grad.to(student_weight.dtype) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -160,6 +208,8 @@ def fused_linear_divergence(
     weights: Tensor | None = None,
     labels: Tensor | None = None,
     compile: bool = False,
+    ce_weights: Tensor | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
     per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
@@ -170,11 +220,20 @@ def fused_linear_divergence(
         temperature: a float or ``[N]``.
         weights: ``[N]``, optional: the weights the caller will apply to D (e.g. τ²) —
             the gradients are then ready after the forward pass. Tokens of zero weight
-            are skipped entirely (D = 0, no gradient).
+            (and zero ce weight) are skipped entirely (D = 0, no gradient).
         labels: ``[N]``, optional: then the student's cross-entropy on them at τ = 1 comes
-            back too, as ``(D, cross_entropy)``, from the same pass (without gradient).
+            back too, as ``(D, cross_entropy)``, from the same pass (without gradient
+            unless ``ce_weights`` is given).
         compile: run each chunk's passes over the vocabulary through ``torch.compile``,
             which fuses them (several times faster on CPU; the first call compiles).
+        ce_weights: ``[N]``, optional, with ``labels``: the weights the caller will apply
+            to the cross-entropy, which is then differentiable; its logit gradient
+            ``softmax(z) − onehot(label)`` joins the divergence's in the same chunk, so
+            ``Σ weights·D + Σ ce_weights·CE`` never builds the full logits either. Tokens
+            of zero weight but nonzero ce weight get their D computed too.
+        matmul_dtype: e.g. ``torch.bfloat16``: the logit and gradient matmuls in that
+            dtype (fast on CPUs with bf16 matrix units and on GPUs), with float32
+            accumulators and float32 elementwise work; gradients keep the inputs' dtypes.
 
     Differentiable with respect to ``student_hidden`` and ``student_weight``; equal to the
     unfused computation within float32 tolerance, never holding more than
@@ -191,13 +250,17 @@ def fused_linear_divergence(
         raise ValueError(f"student and teacher hidden states must cover the same tokens: {tokens} vs {len(teacher_hidden)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if ce_weights is not None and labels is None:
+        raise ValueError("ce_weights weigh the cross-entropy on labels: pass labels too")
     check_temperature(temperature)
     device = student_hidden.device
     dtype = compute_dtype(student_weight, teacher_weight)
     temperature = torch.as_tensor(temperature, dtype=dtype, device=device).expand(tokens).contiguous()
     weights = torch.ones(tokens, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
+    if ce_weights is not None:
+        ce_weights = ce_weights.detach().to(dtype).expand(tokens).contiguous()
     values, cross_entropy = _FusedLinearDivergence.apply(
         student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-        divergence, temperature, weights, chunk_size, labels, compile,
+        divergence, temperature, weights, chunk_size, labels, compile, ce_weights, matmul_dtype,
     )
     return values if labels is None else (values, cross_entropy)
