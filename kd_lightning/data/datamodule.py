@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,35 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length
     }
 
 
+class ResumableSampler(DistributedSampler):
+    """PyTorch's ``DistributedSampler`` (this process's share of a permutation seeded by
+    ``seed + epoch``; Lightning sets the epoch before each one) that can resume in the
+    middle of an epoch: its state is the epoch and how many of its indices were handed out.
+
+    A state saved at the end of an epoch starts the next epoch from its beginning. (The
+    stateful samplers of ``torchdata`` 0.11 restore the end of an epoch as an empty or a
+    differently shuffled next epoch.)
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.handed_out, self.handed_out_epoch = 0, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        resuming = self.handed_out_epoch == self.epoch and self.handed_out < len(indices)
+        start = self.handed_out if resuming else 0
+        self.handed_out_epoch = self.epoch
+        for self.handed_out in range(start + 1, len(indices) + 1):
+            yield indices[self.handed_out - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.handed_out_epoch, "handed_out": self.handed_out}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.handed_out_epoch, self.handed_out = state_dict["epoch"], state_dict["handed_out"]
+
+
 class InstructionDataModule(L.LightningDataModule):
     """Instruction / input / output records, tokenised for distillation.
 
@@ -99,8 +130,14 @@ class InstructionDataModule(L.LightningDataModule):
         val_size: examples held out for validation (taken before ``max_train_examples``).
         max_train_examples: use at most this many training examples (``None``: all).
         batch_size: examples per batch (per process); padded to the batch's longest.
-        seed: the shuffle that picks the validation and training examples.
+        seed: the shuffle that picks the validation and training examples, and the
+            seed of the sampler that reshuffles them every epoch.
         shuffle: reshuffle the training examples every epoch.
+
+    The training loader is a ``torchdata`` ``StatefulDataLoader`` over a
+    ``ResumableSampler``: Lightning saves the loader's state (the epoch and the position
+    in it) in every checkpoint, so a resumed run continues with the batches the
+    interrupted one was about to see.
     """
 
     def __init__(
@@ -162,13 +199,19 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return kept.remove_columns("truncated").with_format("python")
 
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=self.shuffle)
+    def train_dataloader(self) -> StatefulDataLoader:
+        world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        sampler = ResumableSampler(self.train_set, world_size, rank, shuffle=self.shuffle, seed=self.seed)
+        return StatefulDataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=self.collate, generator=torch.Generator().manual_seed(self.seed),  # not the global generator
+        )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self.loader(self.val_set, shuffle=False)
 
-    def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate
+    def loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed),
         )
