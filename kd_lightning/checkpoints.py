@@ -9,6 +9,7 @@ systems): a process killed while saving, or a disk that fills up, leaves the pre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import timedelta
@@ -41,7 +42,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(file.fileno())
             os.replace(partial, path)
         except (OSError, RuntimeError) as error:  # torch.save reports failed writes as RuntimeError
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
             raise CheckpointWriteError(
                 f"could not write the checkpoint {path} ({error}); the previous checkpoints in {path.parent} are "
                 "intact. Free disk space or make the directory writable (or give another hydra.run.dir), then resume "

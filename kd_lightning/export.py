@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedTokenizerBase
 
+from kd_lightning.cli import reported_errors
 from kd_lightning.data.datamodule import PLAIN_TEMPLATE
 from kd_lightning.runs import load_run, run_directory
 
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a kd-train run directory, or a checkpoint inside one")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    print(f"student exported to {export(args.checkpoint, args.out_dir)}")
+    with reported_errors("kd-export", args.debug):
+        print(f"student exported to {export(args.checkpoint, args.out_dir)}")
 
 
 if __name__ == "__main__":

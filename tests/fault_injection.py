@@ -28,15 +28,17 @@ class KillAtStep(L.Callback):
 
 
 class KillWhileSaving(L.Callback):
-    """SIGKILL in the middle of writing the checkpoint of step ``step``: the file write
-    has begun when the checkpoint's contents are serialised."""
+    """SIGKILL in the middle of writing the ``nth`` checkpoint file of step ``step`` (the
+    top-k file, then last.ckpt): the file is open when its contents are serialised."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, nth: int = 1):
+        self.step, self.nth = step, nth
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.global_step == self.step:
-            checkpoint["kill"] = KilledWhenPickled()
+            self.nth -= 1
+            if self.nth == 0:
+                checkpoint["kill"] = KilledWhenPickled()
 
 
 class KilledWhenPickled:
