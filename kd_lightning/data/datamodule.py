@@ -204,7 +204,7 @@ class InstructionDataModule(L.LightningDataModule):
         sampler = ResumableSampler(self.train_set, world_size, rank, shuffle=self.shuffle, seed=self.seed)
         return StatefulDataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=self.collate, generator=torch.Generator().manual_seed(self.seed),  # not the global generator
+            collate_fn=self.collate, generator=self.loader_generator(),
         )
 
     def val_dataloader(self) -> StatefulDataLoader:
@@ -213,5 +213,11 @@ class InstructionDataModule(L.LightningDataModule):
     def loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
         return StatefulDataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=self.loader_generator(),
         )
+
+    def loader_generator(self) -> torch.Generator:
+        """A loader's own generator, for the seeds it draws when it starts an epoch: they
+        would otherwise come from the global generator, whose state a resumed run restores
+        at its first training step (``callbacks.RandomState``), not at the loops' epoch starts."""
+        return torch.Generator().manual_seed(self.seed)
