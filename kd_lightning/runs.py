@@ -20,9 +20,9 @@ RUN_GROUPS = ("model", "data", "divergence", "selection", "policy", "module", "t
 
 def run_directory(path: Path) -> Path:
     """The run directory of ``path``: the directory itself, or the run a checkpoint
-    (``RUN/checkpoints/NAME``) belongs to."""
+    (``RUN/checkpoints/NAME``: a file, or an FSDP checkpoint directory ``NAME.ckpt``) belongs to."""
     path = Path(path)
-    return path if (path / ".hydra").is_dir() else path.parent.parent
+    return path.parent.parent if path.is_file() or path.suffix == ".ckpt" else path
 
 
 def run_config(path: Path) -> DictConfig:

@@ -103,7 +103,8 @@ def test_checkpoints_by_time_between_validations(tmp_path):
     """checkpoint.every_minutes: last.ckpt after every step that ends that long after the
     previous save, though validation comes only every 50 steps."""
     overrides = ["model=tiny", "trainer.val_check_interval=50", "checkpoint.every_minutes=1e-6", "logger=none"]
-    assert killed(tmp_path, overrides, "+callbacks.kill._target_=fault_injection.KillAtStep", "+callbacks.kill.step=3")["global_step"] == 3
+    kill = ["+callbacks.kill._target_=fault_injection.KillAtStep", "+callbacks.kill.step=3"]
+    assert killed(tmp_path, overrides, *kill)["global_step"] == 3
 
 
 @pytest.mark.slow
@@ -127,8 +128,10 @@ def test_ddp_run_killed_and_resumed_is_exact(tmp_path):
     reference = kd_train(*overrides, f"hydra.run.dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = tmp_path / "interrupted"
-    process = kd_train(*overrides, "+callbacks.kill._target_=fault_injection.KillAtStep", "+callbacks.kill.step=9", f"hydra.run.dir={run}")
-    assert process.returncode != 0 and position(checkpoint(run)) == (6, 1, False)  # the spawning process reports the kill
+    kill = ["+callbacks.kill._target_=fault_injection.KillAtStep", "+callbacks.kill.step=9"]
+    process = kd_train(*overrides, *kill, f"hydra.run.dir={run}")
+    assert process.returncode != 0  # the spawning process reports its children's deaths
+    assert position(checkpoint(run)) == (6, 1, False)
     resumed(run, overrides)
     assert_same_student(tmp_path / "reference", run)
 
