@@ -252,7 +252,7 @@ class CachedTeacher(nn.Module):
             if record not in self.index:
                 raise CacheError(
                     f"example {record} of the data file is not in the teacher cache {self.directory}: the cache was "
-                    "built for another selection of examples (data.seed, data.val_size, data.max_train_examples); "
+                    "built for another selection of examples (data.split_seed, data.val_size, data.max_train_examples); "
                     "rebuild it with this run's data overrides"
                 )
             shard, start, end, cached_tokens = self.index[record]

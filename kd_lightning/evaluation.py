@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from kd_lightning.cli import reported_errors
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
 from kd_lightning.generation import sample_continuations
 from kd_lightning.runs import ROLES, load_run, run_directory
@@ -128,25 +129,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, help="CSV to append rows to (default: RUN/rouge.csv)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-
-    tokenizer, model, cfg = load_run(args.run, args.role)
-    out = args.out or run_directory(args.run) / "rouge.csv"
-    new_file = not out.is_file()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        if new_file:
-            writer.writeheader()
-        for dataset in args.datasets:
-            for seed in [None] if args.greedy else args.seeds:
-                score = evaluate(
-                    model, tokenizer, dataset, args.num_examples, seed,
-                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                )
-                decoding = "greedy" if seed is None else f"sampling seed {seed}"
-                writer.writerow({**describe_run(cfg, args.role), "dataset": dataset, "rouge_l": f"{score:.2f}", "decoding": decoding})
-                print(f"{dataset} ({decoding}): ROUGE-L {score:.2f}", flush=True)
-    print(f"results: {out}")
+    with reported_errors("kd-eval", args.debug):
+        tokenizer, model, cfg = load_run(args.run, args.role)
+        out = args.out or run_directory(args.run) / "rouge.csv"
+        new_file = not out.is_file()
+        with out.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            if new_file:
+                writer.writeheader()
+            for dataset in args.datasets:
+                for seed in [None] if args.greedy else args.seeds:
+                    score = evaluate(
+                        model, tokenizer, dataset, args.num_examples, seed,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    )
+                    decoding = "greedy" if seed is None else f"sampling seed {seed}"
+                    writer.writerow({**describe_run(cfg, args.role), "dataset": dataset, "rouge_l": f"{score:.2f}", "decoding": decoding})
+                    print(f"{dataset} ({decoding}): ROUGE-L {score:.2f}", flush=True)
+        print(f"results: {out}")
 
 
 if __name__ == "__main__":

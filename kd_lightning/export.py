@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedTokenizerBase
 
+from kd_lightning.cli import reported_errors
 from kd_lightning.data.datamodule import PLAIN_TEMPLATE
 from kd_lightning.runs import load_run, run_directory
 
@@ -172,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--adapters-only", action="store_true", help="a LoRA student's adapter directory (peft), not the merged model"
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    print(f"student exported to {export(args.checkpoint, args.out_dir, args.adapters_only)}")
+    with reported_errors("kd-export", args.debug):
+        print(f"student exported to {export(args.checkpoint, args.out_dir, args.adapters_only)}")
 
 
 if __name__ == "__main__":

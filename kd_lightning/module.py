@@ -24,6 +24,12 @@ from kd_lightning.models import add_lora, decoder_layers, last_hidden_state, lm_
 
 ModelOrFactory = nn.Module | Callable[..., nn.Module]
 TEACHER_PLACEMENTS = ("sharded", "replicated", "offloaded")
+NON_FINITE_LOGITS_FIX = {
+    "student": "its weights have diverged: lower module.optimizer.lr (and keep trainer.gradient_clip_val), "
+    "or resume from an earlier checkpoint",
+    "teacher": "the frozen teacher itself is broken: check that it loads correctly and that its dtype does not "
+    "overflow (use float32 or bfloat16)",
+}
 
 
 @dataclass
@@ -402,11 +408,7 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         out = self.distillation_losses(batch, apply_policies=True)
         if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"the distillation loss is {out['loss'].item()} at step {self.global_step}: a divergence is infinite "
-                "where the student puts mass on tokens the teacher rules out (-inf logits), or the learning rate "
-                "is too high; lower it or use a bounded divergence (jsd, tvd, skl, srkl)"
-            )
+            raise FloatingPointError(self.non_finite_loss_message(batch, out))
         if self._trainer is not None:  # usable outside a Trainer: nothing to log to there
             self.log_dict(
                 {"train/loss": out["loss"].detach(), "train/kd_loss": out["kd_loss"], "train/ce_loss": out["ce_loss"]},
@@ -418,6 +420,32 @@ class DistillationModule(L.LightningModule):
             if self.trainer.optimizers:
                 self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out
+
+    def non_finite_loss_message(self, batch: dict, out: dict[str, Tensor]) -> str:
+        """What made the loss of ``batch`` NaN or +inf, and what to do: the student's logits,
+        the teacher's (both recomputed chunk by chunk, without gradient), or else the
+        divergence (or the cross-entropy term) on finite logits."""
+        value = "NaN" if out["loss"].isnan() else "+inf"
+        where = f"the loss is {value} at step {self.global_step}"
+        if isinstance(self.student, FSDPModule) and self.world_size() > 1:  # a lone rank must not run FSDP's collectives
+            return f"{where}; run on one process to find whether the student's logits, the teacher's or the divergence are"
+        with torch.no_grad():
+            hidden = dict(zip(("student", "teacher"), self.counted_hidden_states(batch)))
+            for role in ("student", "teacher"):
+                for chunk in hidden[role].split(self.chunk_size):
+                    logits = self.logits(role, chunk)
+                    for bad, found in (("NaN", logits.isnan()), ("+inf", logits.isposinf())):
+                        if found.any():
+                            return f"{where}: the {role}'s logits are {bad}; {NON_FINITE_LOGITS_FIX[role]}"
+        if torch.isfinite(out["kd_loss"]):
+            return f"{where}: the cross-entropy term is {value}: a label token has a -inf student logit"
+        if value == "+inf":
+            return (
+                f"{where}: the divergence is +inf on finite logits: the student puts mass on tokens the teacher "
+                f"rules out (-inf logits), where {self.divergence.name} is infinite; use a bounded divergence "
+                "(jsd, tvd, skl, srkl) or give both models the same vocabulary mask"
+            )
+        return f"{where}: the divergence {self.divergence.name} is NaN on finite logits; try another temperature or divergence"
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         out = self.distillation_losses(batch, apply_policies=False)

@@ -14,20 +14,33 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from kd_lightning.module import DistillationModule
 
 ROLES = ("student", "teacher", "student-init")
+#: the config groups kd-eval and kd-export read
+RUN_GROUPS = ("model", "data", "divergence", "selection", "policy", "module", "trainer")
 
 
 def run_directory(path: Path) -> Path:
     """The run directory of ``path``: the directory itself, or the run a checkpoint
-    (``RUN/checkpoints/NAME``) belongs to."""
+    (``RUN/checkpoints/NAME``: a file, or an FSDP checkpoint directory ``NAME.ckpt``) belongs to."""
     path = Path(path)
-    return path if (path / ".hydra").is_dir() else path.parent.parent
+    return path.parent.parent if path.is_file() or path.suffix == ".ckpt" else path
 
 
 def run_config(path: Path) -> DictConfig:
+    """The run's ``.hydra/config.yaml``, checked to hold every config group of this version."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist: give a kd-train run directory or a checkpoint inside one")
     config_file = run_directory(path) / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"no run configuration at {config_file}: give a kd-train run directory or its checkpoint")
-    return OmegaConf.load(config_file)
+    cfg = OmegaConf.load(config_file)
+    missing = [group for group in RUN_GROUPS if group not in cfg]
+    if missing:
+        raise ValueError(
+            f"{config_file} has no {', '.join(missing)} config group{'s' if len(missing) > 1 else ''}: the run was "
+            "written by an older kd_lightning. Add the group to that file as `kd-train --cfg job` prints it "
+            "(e.g. policy: {name: offline, lambda: 0.0, callback: null} for a run trained on the dataset's responses)"
+        )
+    return cfg
 
 
 def checkpoint_state(checkpoint: Path) -> dict:

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd_lightning.cache import CachedTeacher, run_fingerprint
+from kd_lightning.cli import compact_errors
 from kd_lightning.export import ExportStudent
 from kd_lightning.models import check_same_tokenizer
 from kd_lightning.module import wants_teacher
@@ -91,8 +92,9 @@ def optimized_metric(trainer: L.Trainer, name: str) -> float:
 
 @hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    trainer = fit(cfg)
-    return optimized_metric(trainer, cfg.optimized_metric) if cfg.optimized_metric else None
+    with compact_errors("kd-train"):
+        trainer = fit(cfg)
+        return optimized_metric(trainer, cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":

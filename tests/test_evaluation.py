@@ -54,6 +54,9 @@ def test_callback_logs_rouge_per_set(tiny_run):
         assert f"eval/rougeL/{name}" in header
 
 
-def test_kd_eval_names_a_missing_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no run configuration"):
+def test_kd_eval_names_a_missing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main([str(tmp_path)])
+    assert f"kd-eval: error: FileNotFoundError: no run configuration at {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no run configuration"):  # --debug: the exception itself
+        main([str(tmp_path), "--debug"])

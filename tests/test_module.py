@@ -189,11 +189,26 @@ def test_bad_arguments_are_refused(kwargs, message):
         make_module(**kwargs)
 
 
-def test_infinite_loss_stops_training_with_an_explanation(batch):
+def break_head(model, value):
+    """Give ``model``'s lm_head a bias of zeros with ``value`` at token 5."""
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(259), requires_grad=False)
+    model.lm_head.bias.data[5] = value
+
+
+@pytest.mark.parametrize(
+    "role, value, message",
+    [
+        ("teacher", -torch.inf, r"loss is \+inf at step 0: the divergence is \+inf on finite logits.*rkl.*bounded divergence"),
+        ("teacher", torch.inf, r"loss is NaN at step 0: the teacher's logits are \+inf; the frozen teacher itself is broken"),
+        ("teacher", torch.nan, r"loss is NaN at step 0: the teacher's logits are NaN"),
+        ("student", torch.nan, r"loss is NaN at step 0: the student's logits are NaN; its weights have diverged: lower"),
+    ],
+)
+def test_non_finite_loss_names_its_source(role, value, message, batch):
+    """NaN or +inf, and from which: the student's logits, the teacher's, or the divergence."""
     module = make_module(divergence="rkl")
-    module.teacher.lm_head.bias = torch.nn.Parameter(torch.zeros(259), requires_grad=False)
-    module.teacher.lm_head.bias.data[5] = -torch.inf  # the teacher rules out a token
-    with pytest.raises(FloatingPointError, match="infinite.*-inf logits"):
+    break_head(getattr(module, role), value)
+    with pytest.raises(FloatingPointError, match=message):
         module.training_step(batch, 0)
 
 

@@ -113,7 +113,10 @@ class LossAdaptiveTokenFocusing(TokenPolicy):
             self.reference_loss = self.ema_loss
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.update(float(outputs["kd_loss"]))
+        # each process holds its share of the global batch's loss, scaled so that their mean
+        # is the loss: every process tracks that mean, so all keep the same ratio (and all
+        # take part in the gathers of __call__)
+        self.update(float(trainer.strategy.reduce(outputs["kd_loss"], reduce_op="mean")))
         pl_module.log_dict({"selection/ratio": self.ratio, "selection/ema_loss": self.ema_loss})
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
+import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from kd_lightning.models import cached_snapshot
@@ -233,6 +235,35 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: dict, max_length
     }
 
 
+class ResumableSampler(DistributedSampler):
+    """PyTorch's ``DistributedSampler`` (this process's share of a permutation seeded by
+    ``seed + epoch``; Lightning sets the epoch before each one) that can resume in the
+    middle of an epoch: its state is the epoch and how many of its indices were handed out.
+
+    A state saved at the end of an epoch starts the next epoch from its beginning. (The
+    stateful samplers of ``torchdata`` 0.11 restore the end of an epoch as an empty or a
+    differently shuffled next epoch.)
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.handed_out, self.handed_out_epoch = 0, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        resuming = self.handed_out_epoch == self.epoch and self.handed_out < len(indices)
+        start = self.handed_out if resuming else 0
+        self.handed_out_epoch = self.epoch
+        for self.handed_out in range(start + 1, len(indices) + 1):
+            yield indices[self.handed_out - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.handed_out_epoch, "handed_out": self.handed_out}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.handed_out_epoch, self.handed_out = state_dict["epoch"], state_dict["handed_out"]
+
+
 class InstructionDataModule(L.LightningDataModule):
     """Records in one of the ``FORMATS``, tokenised for distillation with the prompt masked.
 
@@ -246,8 +277,10 @@ class InstructionDataModule(L.LightningDataModule):
         val_size: examples held out for validation (taken before ``max_train_examples``).
         max_train_examples: use at most this many training examples (``None``: all).
         batch_size: examples per batch (per process); padded to the batch's longest.
-        seed: the shuffle that picks the validation and training examples (the order of
-            training is the global seed's, so runs of several seeds share their examples).
+        split_seed: the shuffle that picks the validation and training examples; fixed by
+            default, so that runs of several seeds train on the same examples (and share a
+            teacher cache).
+        seed: the seed of the sampler that reshuffles the training examples every epoch.
         shuffle: reshuffle the training examples every epoch.
         split: the split of a directory or hub data set with several.
         columns: the record's names for the standard fields, e.g. ``{"prompt": "question"}``
@@ -255,6 +288,11 @@ class InstructionDataModule(L.LightningDataModule):
 
     The format is detected from the first record and logged; every record is checked
     against it, and a bad one is an error naming the file and line (or row) and the field.
+
+    The training loader is a ``torchdata`` ``StatefulDataLoader`` over a
+    ``ResumableSampler``: Lightning saves the loader's state (the epoch and the position
+    in it) in every checkpoint, so a resumed run continues with the batches the
+    interrupted one was about to see.
     """
 
     def __init__(
@@ -271,6 +309,7 @@ class InstructionDataModule(L.LightningDataModule):
         shuffle: bool = True,
         split: str = "train",
         columns: Mapping[str, str] | None = None,
+        split_seed: int = 0,
     ):
         super().__init__()
         if max_length < 2:
@@ -285,6 +324,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.columns = {field: name for field, name in (columns or {}).items() if name is not None}
         self.max_length, self.val_size, self.max_train_examples = max_length, val_size, max_train_examples
         self.batch_size, self.num_workers, self.seed, self.shuffle = batch_size, num_workers, seed, shuffle
+        self.split_seed = split_seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.tokenizer.padding_side = "right"  # training pads on the right; generation sets its own side
@@ -296,7 +336,7 @@ class InstructionDataModule(L.LightningDataModule):
         source = str(self.path) if self.dataset is None else "the given dataset"
         records = self.checked_records(source)
         # each example keeps its index in the source (``record``): the teacher cache is keyed by it
-        records = records.add_column("record", range(len(records))).shuffle(seed=self.seed)
+        records = records.add_column("record", range(len(records))).shuffle(seed=self.split_seed)
         val_size = min(self.val_size, len(records) - 1)
         train_end = len(records) if self.max_train_examples is None else min(len(records), val_size + self.max_train_examples)
         self.val_set = self.encode(records.select(range(val_size)), source, "validation")
@@ -343,13 +383,25 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return kept.remove_columns("truncated").with_format("python")
 
-    def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=self.shuffle)
+    def train_dataloader(self) -> StatefulDataLoader:
+        world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        sampler = ResumableSampler(self.train_set, world_size, rank, shuffle=self.shuffle, seed=self.seed)
+        return StatefulDataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=self.collate, generator=self.loader_generator(),
+        )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self.loader(self.val_set, shuffle=False)
 
-    def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate
+    def loader(self, dataset: Dataset, shuffle: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=self.collate,
+            generator=self.loader_generator(),
         )
+
+    def loader_generator(self) -> torch.Generator:
+        """A loader's own generator, for the seeds it draws when it starts an epoch: they
+        would otherwise come from the global generator, whose state a resumed run restores
+        at its first training step (``callbacks.RandomState``), not at the loops' epoch starts."""
+        return torch.Generator().manual_seed(self.seed)
