@@ -338,9 +338,16 @@ def build(cfg) -> Path:
 
 
 def main() -> None:
+    """``kd-cache``: the Hydra config and overrides of ``kd-train``; errors without traceback."""
     import hydra
 
-    hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")(build)()
+    from kd_lightning.cli import compact_errors
+
+    def cache_teacher(cfg) -> None:
+        with compact_errors("kd-cache"):
+            build(cfg)
+
+    hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")(cache_teacher)()
 
 
 if __name__ == "__main__":
