@@ -233,19 +233,24 @@ def device_name(args) -> str:
     return platform.processor() or platform.machine()
 
 
-def run_case(case: str, args) -> dict:
-    """One measurement of ``case`` in a fresh process."""
-    command = [sys.executable, __file__, "--measure", case] + [
-        item for key, value in vars(args).items()
-        if key not in ("measure", "cases", "out", "repeats") and value is not None
-        for item in (f"--{key.replace('_', '-')}", str(value))
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
+def in_fresh_process(script: str, case: str, options: list[str]) -> dict:
+    """One measurement of ``case``: ``script --measure CASE OPTIONS`` in a fresh process,
+    which prints its result as a JSON line; a failure becomes a row saying why."""
+    done = subprocess.run([sys.executable, script, "--measure", case, *options], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if lines:
         return json.loads(lines[-1])
     last_line = (done.stderr.strip().splitlines() or ["no output"])[-1]  # the exception's message
     return {"case": case, "error": f"failed: {last_line[:300]}"}
+
+
+def run_case(case: str, args) -> dict:
+    options = [
+        item for key, value in vars(args).items()
+        if key not in ("measure", "cases", "out", "repeats") and value is not None
+        for item in (f"--{key.replace('_', '-')}", str(value))
+    ]
+    return in_fresh_process(__file__, case, options)
 
 
 def interleaved_rounds(cases: list[str], repeats: int, measure_once) -> dict[str, list[dict]]:

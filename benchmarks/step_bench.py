@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loss_bench import interleaved_rounds, memory_bytes, reset_peak, summary  # noqa: E402
+from loss_bench import device_name, in_fresh_process, interleaved_rounds, memory_bytes, reset_peak, summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 KD_CASES = {
@@ -405,19 +404,9 @@ def table(summaries: list[dict], args, shape: str, counted: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def device_name(args) -> str:
-    return torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-
-
 def run_case(case: str, args) -> dict:
-    command = [sys.executable, __file__, "--measure", case, "--device", args.device, "--warmup", str(args.warmup),
-               "--max-length", str(args.max_length)] + (["--threads", str(args.threads)] if args.threads else [])
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    last_line = (done.stderr.strip().splitlines() or ["no output"])[-1]  # the exception's message
-    return {"case": case, "error": f"failed: {last_line[:300]}"}
+    options = ["--device", args.device, "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
+    return in_fresh_process(__file__, case, options + (["--threads", str(args.threads)] if args.threads else []))
 
 
 def main() -> None:
