@@ -55,6 +55,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from kd_lightning.data.datamodule import counted_positions
+
 sys.path.insert(0, str(Path(__file__).parent))
 from loss_bench import device_name, in_fresh_process, interleaved_rounds, memory_bytes, reset_peak, summary  # noqa: E402
 
@@ -214,11 +216,6 @@ def models_and_batch(args, data_file: Path, run_dir: Path):
     return cfg, tokenizer, teacher, student, batch
 
 
-def counted_positions(batch: dict) -> torch.Tensor:
-    """``[B, T − 1]``: positions whose next token is a counted label."""
-    return batch["labels"][:, 1:] != -100
-
-
 def peer_loss(case: str, teacher, student, batch: dict):
     """The loss function of a hand-written loop: ``loss(batch) → scalar``."""
     import torch.nn.functional as F
@@ -226,7 +223,7 @@ def peer_loss(case: str, teacher, student, batch: dict):
     from kd_lightning.models import last_hidden_state
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    counted = counted_positions(batch)
+    counted = counted_positions(batch["labels"])
     if case == "floor":
 
         def loss():
@@ -362,7 +359,7 @@ def batch_shape_and_counted_tokens(args) -> tuple[str, int]:
         datamodule.setup()
         batch = next(iter(datamodule.train_dataloader()))
     shape = "×".join(str(size) for size in batch["input_ids"].shape)
-    return shape, int(counted_positions(batch).sum())
+    return shape, int(counted_positions(batch["labels"]).sum())
 
 
 def table(summaries: list[dict], args, shape: str, counted: int) -> str:

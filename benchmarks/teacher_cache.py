@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 
 from kd_lightning import DistillationModule
 from kd_lightning.cache import CachedTeacher, TeacherCacheWriter, run_fingerprint
+from kd_lightning.data.datamodule import counted_positions
 
 RESULTS = Path(__file__).parent / "results"
 CASES = ("live fp32", "live bf16", "cache fp32", "cache bf16")
@@ -135,7 +136,8 @@ def main() -> None:
             dtype: sum(path.stat().st_size for path in (scratch / f"cache-{dtype}" / "shards").iterdir())
             for dtype in ("float32", "bfloat16")
         }
-        counted = sum(sum(label != -100 for label in example["labels"][1:]) for example in [*data.train_set, *data.val_set])
+        examples = [*data.train_set, *data.val_set]
+        counted = sum(int(counted_positions(torch.tensor([example["labels"]])).sum()) for example in examples)
         build = built["cache fp32"][4]
     median = {case: statistics.median(values) for case, values in seconds.items()}
     # every case steps on the same batch in turn: the per-batch ratio cancels the batches' lengths

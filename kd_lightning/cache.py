@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.models import last_hidden_state, lm_head
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,6 @@ def write_json(path: Path, value: dict) -> None:
 def mismatch(cached: dict, expected: dict) -> str | None:
     """The first fingerprint field whose values differ, in ``FINGERPRINT_FIELDS`` order."""
     return next((name for name in FINGERPRINT_FIELDS if cached.get(name) != expected.get(name)), None)
-
-
-def counted_positions(labels: Tensor) -> Tensor:
-    """``[B, T - 1]`` bool: positions whose next token counts (the positions the loss uses)."""
-    return labels[:, 1:] != -100
 
 
 def token_hashes(batch: dict) -> list[int]:
@@ -247,6 +243,11 @@ class CachedTeacher(nn.Module):
         """``[N, H]`` hidden states of the counted positions of a batch: example after
         example, in the order ``hidden[:, :-1][counted]`` gives for a live teacher. Each
         example is looked up by its ``record`` and must have the tokens it was cached with."""
+        if "record" not in batch:
+            raise KeyError(
+                "a cached teacher needs each batch's 'record' (the example's index in its data file), "
+                "which InstructionDataModule adds; batches without it need the live teacher"
+            )
         rows = []
         for record, tokens in zip(batch["record"].tolist(), token_hashes(batch)):
             if record not in self.index:

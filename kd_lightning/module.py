@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from kd_lightning import losses
 from kd_lightning.cache import CachedTeacher
+from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.losses.base import check_temperature
 from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
 from kd_lightning.models import add_lora, decoder_layers, last_hidden_state, lm_head
@@ -269,7 +270,7 @@ class DistillationModule(L.LightningModule):
         counted tokens. Position i predicts token i + 1 (labels are shifted here, as in
         Hugging Face); the teacher runs under ``torch.no_grad``."""
         labels = batch["labels"][:, 1:]
-        counted = labels != -100
+        counted = counted_positions(batch["labels"])
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
         student_hidden = last_hidden_state(self.student, model_inputs)[:, :-1][counted]
         with torch.no_grad():
@@ -279,14 +280,9 @@ class DistillationModule(L.LightningModule):
     def teacher_hidden_states(self, batch: dict, model_inputs: dict, counted: Tensor) -> Tensor:
         """The teacher's final hidden states ``[N, H]`` at the counted positions: from its
         forward pass, or read from a teacher cache by each example's ``record``."""
-        if not isinstance(self.teacher, CachedTeacher):
-            return last_hidden_state(self.teacher, model_inputs)[:, :-1][counted]
-        if "record" not in batch:
-            raise KeyError(
-                "a cached teacher needs each batch's 'record' (the example's index in its data file), "
-                "which InstructionDataModule adds; batches without it need the live teacher"
-            )
-        return self.teacher.counted_hidden_states(batch)
+        if isinstance(self.teacher, CachedTeacher):
+            return self.teacher.counted_hidden_states(batch)
+        return last_hidden_state(self.teacher, model_inputs)[:, :-1][counted]
 
     def logits(self, role: str, hidden: Tensor) -> Tensor:
         """``lm_head(hidden)`` of the student or teacher, cut to ``vocab_size``: padding

@@ -12,6 +12,7 @@ import torch
 from kd_lightning import DistillationModule, InstructionDataModule, cache
 from kd_lightning.cache import CachedTeacher, CacheError, TeacherCacheWriter
 from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing
+from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.models import copy_layers, tiny_causal_lm
 
 FINGERPRINT = {"teacher": "tiny", "teacher_files": {}, "tokenizer": "t", "data": "d", "max_length": 256, "template": "p"}
@@ -62,7 +63,7 @@ def test_live_teacher_states_differ_by_batch_shape_as_much_as_the_cache(teacher,
     """Why the float32 cache is compared with a tolerance: the live teacher itself
     gives the same example slightly different states in batches of other shapes."""
     examples = [datamodule.train_set[index] for index in range(4)]
-    alone = cache.counted_positions(datamodule.collate(examples[:1])["labels"])
+    alone = counted_positions(datamodule.collate(examples[:1])["labels"])
     batched = datamodule.collate(examples)
     from kd_lightning.models import last_hidden_state
 
@@ -139,6 +140,9 @@ def test_an_example_tokenised_differently_is_refused(teacher, datamodule, tmp_pa
     batch = next(iter(datamodule.train_dataloader()))
     batch["input_ids"][0, 3] += 1  # as another tokenizer or template would
     with pytest.raises(CacheError, match="tokenised differently .* rebuild the cache"):
+        cached.training_step(batch, 0)
+    del batch["record"]  # a batch from another data module
+    with pytest.raises(KeyError, match="a cached teacher needs each batch's 'record'"):
         cached.training_step(batch, 0)
 
 

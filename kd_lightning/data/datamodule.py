@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -49,6 +50,12 @@ PLAIN_TEMPLATE_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 IGNORE_INDEX = -100
+
+
+def counted_positions(labels: Tensor) -> Tensor:
+    """``[B, T − 1]`` bool: the positions whose next token is a counted label (position i
+    predicts token i + 1, as in Hugging Face): the positions a distillation loss uses."""
+    return labels[:, 1:] != IGNORE_INDEX
 
 
 #: the record formats, detected in this order: their fields, then optional fields
