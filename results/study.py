@@ -4,8 +4,11 @@ cache and evaluated the same way, rows appended to results/study.csv as runs fin
     python results/study.py                 # all that is missing, core arms first
     python results/study.py --only pilot    # the learning-rate pilot (CE-only, seed 0)
 
-Resumable: a run with a checkpoint continues from it (ckpt_path=last); an evaluated run
-(its ``study_rows.csv``) is skipped. Metrics per run:
+Resumable across machines: each evaluated run leaves its rows in ``--rows`` (committed
+with the project, ``results/study_runs/NAME.csv``, and the run's training log as
+``results/study_runs/logs/NAME.csv``) and is skipped from then on; a run with a checkpoint in
+``--runs`` continues from it (ckpt_path=last); the teacher caches in ``--cache`` are
+built once per machine (kd-cache resumes a partial build). Metrics per run:
 - ``nll`` and ``teacher_kl``: per-token NLL of the references and forward KL(teacher ‖
   student) at τ = 1, over every Dolly test example that fits 512 tokens;
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
@@ -94,8 +97,8 @@ def generation_metrics(model, tokenizer) -> list[tuple[str, str, float]]:
     return rows
 
 
-def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path) -> None:
-    out = run_dir / "study_rows.csv"
+def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out: Path) -> None:
+    """Evaluate the ``role`` model of ``run_dir`` into ``out`` (skipped when it exists)."""
     if out.exists():
         return
     tokenizer, model, _ = load_run(run_dir, role)
@@ -107,12 +110,16 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path) -> N
         writer.writeheader()
         for metric, dataset, value in rows:
             writer.writerow({**description, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"})
+    logs = sorted(run_dir.glob("csv/**/metrics.csv"))
+    if logs:  # the training curves, for the record
+        (out.parent / "logs").mkdir(exist_ok=True)
+        shutil.copyfile(logs[-1], out.parent / "logs" / out.name)
     os.replace(str(out) + ".partial", out)
     print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
 
 
-def collect(runs: Path, table: Path, pattern: str) -> None:
-    rows = [row for path in sorted(runs.glob(f"{pattern}/study_rows.csv")) for row in csv.DictReader(path.open())]
+def collect(rows_dir: Path, table: Path, pattern: str) -> None:
+    rows = [row for path in sorted(rows_dir.glob(f"{pattern}.csv")) for row in csv.DictReader(path.open())]
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -136,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/study"))
     parser.add_argument("--cache", type=Path, default=Path("runs/study-cache"))
+    parser.add_argument("--rows", type=Path, default=Path("results/study_runs"), help="one CSV per evaluated run")
     parser.add_argument("--table", type=Path, default=Path("results/study.csv"))
     parser.add_argument("--only", choices=["pilot", "core", "temperature", "csd", "adakd"], nargs="+")
     parser.add_argument("--keep-checkpoints", action="store_true", help="default: delete a run's checkpoints once evaluated")
@@ -154,25 +162,25 @@ def main() -> None:
     for group in ("core", "temperature", "csd", "adakd"):
         if group in groups:
             plan += [(arm, seed, overrides) for seed in SEEDS for arm, (arm_group, overrides) in ARMS.items() if arm_group == group]
+    args.rows.mkdir(parents=True, exist_ok=True)
     planned = set()
     for arm, seed, overrides in plan:
-        if (arm, seed) in planned:  # the pilot's ce-seed0 is also the core's
+        name = f"{arm}-seed{seed}"
+        if (arm, seed) in planned or (args.rows / f"{name}.csv").exists():  # the pilot's ce-seed0 is also the core's
             continue
         planned.add((arm, seed))
-        run_dir = args.runs / f"{arm}-seed{seed}"
+        run_dir = args.runs / name
         train(run_dir, [*overrides, f"seed={seed}"], train_cache)
-        evaluate(run_dir, "student", description(arm, seed, examples), test_cache)
+        evaluate(run_dir, "student", description(arm, seed, examples), test_cache, args.rows / f"{name}.csv")
         if not args.keep_checkpoints:
             for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
                 checkpoint.unlink()
-        if arm == plan[0][0] and seed == plan[0][1]:
-            for role in ("teacher", "student-init"):
-                baseline = args.runs / role
-                if not (baseline / "study_rows.csv").exists():
-                    shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
-                    evaluate(baseline, role, description(role, 0, 0), test_cache)
-        collect(args.runs, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
-        collect(args.runs, args.table.with_name("study_pilot.csv"), "pilot-*")
+        for role in ("teacher", "student-init"):  # baselines: the models of the first run's config
+            baseline = args.runs / role
+            shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
+            evaluate(baseline, role, description(role, 0, 0), test_cache, args.rows / f"{role}.csv")
+        collect(args.rows, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
+        collect(args.rows, args.table.with_name("study_pilot.csv"), "pilot-*")
 
 
 if __name__ == "__main__":
