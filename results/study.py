@@ -3,6 +3,8 @@ cache and evaluated the same way, rows appended to results/study.csv as runs fin
 
     python results/study.py                 # all that is missing, core arms first
     python results/study.py --only pilot    # the learning-rate pilot (CE-only, seed 0)
+    python results/study.py --only core --runs /tmp/s --cache /tmp/c --rows /tmp/r --table /tmp/s.csv \
+        --prompts 2 --overrides model=tiny '~model.student.layers' trainer.max_steps=2   # a smoke run
 
 Resumable across machines: each evaluated run leaves its rows in ``--rows`` (committed
 with the project, ``results/study_runs/NAME.csv``, and the run's training log as
@@ -32,7 +34,7 @@ from kd_lightning import DistillationModule, InstructionDataModule
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.evaluation import eval_records, generate, rouge_l
 from kd_lightning.data.datamodule import format_prompt
-from kd_lightning.runs import load_run
+from kd_lightning.runs import load_run, run_config
 
 SEEDS = (0, 1, 2)
 #: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
@@ -58,12 +60,27 @@ def sh(*command: str) -> None:
     subprocess.run(command, check=True)
 
 
+def build_caches(cache: Path, extra: list[str]) -> None:
+    """The teacher's states for the training data and for Dolly test (at 512 tokens)."""
+    sh("kd-cache", "experiment=study", *extra, f"teacher_cache={cache / 'train'}", f"hydra.run.dir={cache / 'train-log'}")
+    sh(
+        "kd-cache", "experiment=study", *extra, "data.path=dolly-test", "data.val_size=0", "data.max_train_examples=null",
+        "data.max_length=512", f"teacher_cache={cache / 'dolly-test'}", f"hydra.run.dir={cache / 'dolly-test-log'}",
+    )
+
+
 def train(run_dir: Path, overrides: list[str], cache: Path) -> None:
     if (run_dir / "checkpoints" / "done").exists():
         return
     resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
     sh("kd-train", "experiment=study", f"teacher_cache={cache}", *overrides, *resume, f"hydra.run.dir={run_dir}")
     (run_dir / "checkpoints" / "done").touch()
+
+
+def examples_seen(run_dir: Path) -> int:
+    """Training examples a run sees: its steps × its batch size."""
+    cfg = run_config(run_dir)
+    return cfg.trainer.max_steps * cfg.data.batch_size
 
 
 @torch.no_grad()
@@ -82,10 +99,10 @@ def held_out_losses(model, tokenizer, test_cache: Path) -> dict[str, float]:
     return {metric: totals[metric] / totals["tokens"] for metric in ("nll", "teacher_kl")}
 
 
-def generation_metrics(model, tokenizer) -> list[tuple[str, str, float]]:
+def generation_metrics(model, tokenizer, prompts: int) -> list[tuple[str, str, float]]:
     rows = []
     for dataset in ("dolly-test", "self-inst", "vicuna"):
-        records = eval_records(dataset, EVAL_PROMPTS)
+        records = eval_records(dataset, prompts)
         prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
         for metric, sampling in (("rouge_l", True), ("rouge_l_greedy", False)):
             torch.manual_seed(1)
@@ -97,14 +114,14 @@ def generation_metrics(model, tokenizer) -> list[tuple[str, str, float]]:
     return rows
 
 
-def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out: Path) -> None:
+def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out: Path, prompts: int) -> None:
     """Evaluate the ``role`` model of ``run_dir`` into ``out`` (skipped when it exists)."""
     if out.exists():
         return
     tokenizer, model, _ = load_run(run_dir, role)
     model.eval()
     rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
-    rows += generation_metrics(model, tokenizer)
+    rows += generation_metrics(model, tokenizer, prompts)
     with open(str(out) + ".partial", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -139,6 +156,17 @@ def description(arm: str, seed: int, examples: int) -> dict:
     }
 
 
+def plan(groups: list[str]) -> list[tuple[str, int, list[str]]]:
+    """(arm, seed, overrides) in running order: the pilot, then each group for every seed."""
+    runs = []
+    if "pilot" in groups:
+        runs += [("ce", 0, ARMS["ce"][1])] + [(name, 0, overrides) for name, overrides in PILOT.items()]
+    for group in ("core", "temperature", "csd", "adakd"):
+        if group in groups:
+            runs += [(arm, seed, overrides) for seed in SEEDS for arm, (arm_group, overrides) in ARMS.items() if arm_group == group]
+    return list({(arm, seed): (arm, seed, overrides) for arm, seed, overrides in runs}.values())  # ce-seed0 once
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/study"))
@@ -146,39 +174,28 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=Path("results/study_runs"), help="one CSV per evaluated run")
     parser.add_argument("--table", type=Path, default=Path("results/study.csv"))
     parser.add_argument("--only", choices=["pilot", "core", "temperature", "csd", "adakd"], nargs="+")
+    parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
+    parser.add_argument("--overrides", nargs="*", default=[], help="for every kd-train and kd-cache (a smoke run: model=tiny …)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="default: delete a run's checkpoints once evaluated")
     args = parser.parse_args()
-    train_cache, test_cache = args.cache / "train", args.cache / "dolly-test"
-    sh("kd-cache", "experiment=study", f"teacher_cache={train_cache}", f"hydra.run.dir={args.cache / 'train-log'}")
-    sh(
-        "kd-cache", "experiment=study", "data.path=dolly-test", "data.val_size=0", "data.max_train_examples=null",
-        "data.max_length=512", f"teacher_cache={test_cache}", f"hydra.run.dir={args.cache / 'dolly-test-log'}",
-    )
-    examples = 500 * 4
-    plan = []
-    groups = args.only or ["pilot", "core", "temperature", "csd", "adakd"]
-    if "pilot" in groups:
-        plan += [("ce", 0, ARMS["ce"][1])] + [(name, 0, overrides) for name, overrides in PILOT.items()]
-    for group in ("core", "temperature", "csd", "adakd"):
-        if group in groups:
-            plan += [(arm, seed, overrides) for seed in SEEDS for arm, (arm_group, overrides) in ARMS.items() if arm_group == group]
+    build_caches(args.cache, args.overrides)
     args.rows.mkdir(parents=True, exist_ok=True)
-    planned = set()
-    for arm, seed, overrides in plan:
-        name = f"{arm}-seed{seed}"
-        if (arm, seed) in planned or (args.rows / f"{name}.csv").exists():  # the pilot's ce-seed0 is also the core's
+    for arm, seed, overrides in plan(args.only or ["pilot", "core", "temperature", "csd", "adakd"]):
+        name, run_dir = f"{arm}-seed{seed}", args.runs / f"{arm}-seed{seed}"
+        if (args.rows / f"{name}.csv").exists():
             continue
-        planned.add((arm, seed))
-        run_dir = args.runs / name
-        train(run_dir, [*overrides, f"seed={seed}"], train_cache)
-        evaluate(run_dir, "student", description(arm, seed, examples), test_cache, args.rows / f"{name}.csv")
+        train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
+        evaluate(
+            run_dir, "student", description(arm, seed, examples_seen(run_dir)), args.cache / "dolly-test",
+            args.rows / f"{name}.csv", args.prompts,
+        )
         if not args.keep_checkpoints:
             for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
                 checkpoint.unlink()
-        for role in ("teacher", "student-init"):  # baselines: the models of the first run's config
+        for role in ("teacher", "student-init"):  # baselines: the models of the first trained run's config
             baseline = args.runs / role
             shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
-            evaluate(baseline, role, description(role, 0, 0), test_cache, args.rows / f"{role}.csv")
+            evaluate(baseline, role, description(role, 0, 0), args.cache / "dolly-test", args.rows / f"{role}.csv", args.prompts)
         collect(args.rows, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
         collect(args.rows, args.table.with_name("study_pilot.csv"), "pilot-*")
 

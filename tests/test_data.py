@@ -7,6 +7,7 @@ import pytest
 
 from kd_lightning import InstructionDataModule
 from kd_lightning.data import SHIPPED, encode_example, format_prompt, resolve_data_path
+from kd_lightning.data.datamodule import check_record, detect_format
 
 def test_plain_template_without_chat_template(tokenizer):
     assert tokenizer.chat_template is None
@@ -137,6 +138,18 @@ def test_each_format_is_detected_and_logged(format, chat_tokenizer, tmp_path, ca
         data.setup()
     assert f"data format: {format} (detected from the first record of {path})" in caplog.text
     assert len(data.train_set) == 4 and all(any(label != -100 for label in row["labels"]) for row in data.train_set)
+
+
+@pytest.mark.parametrize("name", ["dolly-test", "self-inst", "vicuna"])
+def test_a_format_is_the_first_with_all_its_fields(name, tokenizer):
+    """The shipped test sets carry a rendered ``prompt`` beside instruction/output: they
+    are instruction data, not prompt/completion data missing its completion."""
+    data = InstructionDataModule(tokenizer, path=name, val_size=0, max_train_examples=4, max_length=4096)
+    data.setup()
+    assert len(data.train_set) == 4
+    partial = {"prompt": "Q?", "answer": "A."}
+    with pytest.raises(ValueError, match="field 'completion' is missing \\(this data is in the prompt/completion format\\)"):
+        check_record(partial, detect_format(partial, "line 1", {}), "line 1", {})
 
 
 def test_save_to_disk_directory_and_its_split(chat_tokenizer, tmp_path):

@@ -120,10 +120,14 @@ def located_records(path: Path, split: str) -> Iterator[tuple[str, dict]]:
 
 
 def detect_format(record: dict, location: str, columns: Mapping[str, str]) -> str:
-    """The format of ``record`` (see ``FORMATS``), its fields renamed by ``columns``."""
-    for name, (fields, _) in FORMATS.items():
-        if columns.get(fields[0], fields[0]) in record:
-            return name
+    """The format of ``record`` (see ``FORMATS``), its fields renamed by ``columns``: the
+    first whose required fields are all there, else the first whose leading field is (so
+    that ``check_record`` names the missing one)."""
+    present = {name: [columns.get(field, field) in record for field in fields] for name, (fields, _) in FORMATS.items()}
+    for complete in (all, lambda found: found[0]):
+        for name, found in present.items():
+            if complete(found):
+                return name
     expected = "; ".join(" + ".join(fields) for fields, _ in FORMATS.values())
     raise ValueError(
         f"{location}: no known record format in its fields {sorted(record)}; expected {expected}, "
@@ -372,6 +376,8 @@ class InstructionDataModule(L.LightningDataModule):
 
     def encode(self, records: Dataset, source: str, split: str) -> Dataset:
         """Tokenise ``records`` and drop those whose prompt does not fit, logging the counts."""
+        if not len(records):  # e.g. the validation split of val_size=0
+            return records.with_format("python")
         encoded = records.map(
             lambda example: encode_example(self.tokenizer, example, self.max_length),
             remove_columns=[name for name in records.column_names if name != "record"],
