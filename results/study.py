@@ -99,10 +99,12 @@ def held_out_losses(model, tokenizer, test_cache: Path) -> dict[str, float]:
     return {metric: totals[metric] / totals["tokens"] for metric in ("nll", "teacher_kl")}
 
 
-def generation_metrics(model, tokenizer, prompts: int) -> list[tuple[str, str, float]]:
+def generation_metrics(model, tokenizer, num_prompts: int) -> list[tuple[str, str, float]]:
+    """Sampled and greedy ROUGE-L, and the sampled answers' mean length, on the first
+    ``num_prompts`` prompts of each test set."""
     rows = []
     for dataset in ("dolly-test", "self-inst", "vicuna"):
-        records = eval_records(dataset, prompts)
+        records = eval_records(dataset, num_prompts)
         prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
         for metric, sampling in (("rouge_l", True), ("rouge_l_greedy", False)):
             torch.manual_seed(1)
@@ -127,10 +129,9 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
         writer.writeheader()
         for metric, dataset, value in rows:
             writer.writerow({**description, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"})
-    logs = sorted(run_dir.glob("csv/**/metrics.csv"))
-    if logs:  # the training curves, for the record
+    if (run_dir / "metrics.csv").exists():  # the training curves, for the record
         (out.parent / "logs").mkdir(exist_ok=True)
-        shutil.copyfile(logs[-1], out.parent / "logs" / out.name)
+        shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
     os.replace(str(out) + ".partial", out)
     print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
 
