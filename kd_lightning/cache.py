@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from kd_lightning.constants import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.models import last_hidden_state, lm_head
 
@@ -285,8 +286,6 @@ def teacher_files(teacher_config: dict) -> dict[str, str]:
 def run_fingerprint(cfg, tokenizer, datamodule) -> dict:
     """What a run's teacher states depend on, from its config (``FINGERPRINT_FIELDS``)."""
     from omegaconf import OmegaConf
-
-    from kd_lightning.data.datamodule import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 
     teacher = OmegaConf.to_container(cfg.model.teacher, resolve=True)
     if datamodule.path is None:
