@@ -329,6 +329,11 @@ def last_hidden_state(model: nn.Module, model_inputs: dict) -> torch.Tensor:
     return captured["hidden"]
 
 
+def frozen(teacher: nn.Module) -> nn.Module:
+    """``teacher`` without gradients, in eval mode (no dropout): as distillation uses it."""
+    return teacher.requires_grad_(False).eval()
+
+
 def wants_teacher(factory: Callable[..., nn.Module]) -> bool:
     """Whether a student factory builds the student from the teacher (``teacher=``)."""
     return "teacher" in inspect.signature(factory).parameters

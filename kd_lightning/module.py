@@ -18,7 +18,7 @@ from kd_lightning.cache import CachedTeacher
 from kd_lightning.checkpoints import drop_teacher_weights, ignore_missing_teacher
 from kd_lightning.diagnostics import non_finite_loss_message, print_parameter_memory
 from kd_lightning.heads import CountedStates, EagerHead, FusedHead, GlobalMean, LmHeads, counted_states
-from kd_lightning.models import add_lora, build_student, shard_by_layer, shard_teacher
+from kd_lightning.models import add_lora, build_student, frozen, shard_by_layer, shard_teacher
 from kd_lightning.schedule import as_schedule, total_steps
 from kd_lightning.tokens import TokenBatch, active_policies
 
@@ -131,7 +131,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_factory = None if isinstance(teacher, nn.Module) else teacher
         self.student_factory = None if isinstance(student, nn.Module) else student
         if self.teacher_factory is None:
-            self.teacher = self.frozen(teacher)
+            self.teacher = frozen(teacher)
         if self.student_factory is None:
             self.student = student
         self.token_policies: list[Callable[[TokenBatch], None]] = []  # besides the trainer's TokenPolicy callbacks
@@ -141,17 +141,13 @@ class DistillationModule(L.LightningModule):
         self._batch_started_at: float | None = None
 
     # ------------------------------------------------------------------ models
-    @staticmethod
-    def frozen(teacher: nn.Module) -> nn.Module:
-        return teacher.requires_grad_(False).eval()
-
     def configure_model(self) -> None:
         """Build the models given as factories (once; Lightning calls this before fit) and,
         under FSDP (a device mesh from ModelParallelStrategy), shard teacher and student
         with ``fully_shard`` per decoder layer, then the rest of each model: the frozen
         teacher is never gathered whole on one rank."""
         if self.teacher_factory is not None and not hasattr(self, "teacher"):
-            self.teacher = self.frozen(self.teacher_factory())
+            self.teacher = frozen(self.teacher_factory())
         if self.student_factory is not None and not hasattr(self, "student"):
             self.student = build_student(self.student_factory, self.teacher)
         if self.lora and not hasattr(self.student, "peft_config"):

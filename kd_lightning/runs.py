@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from kd_lightning.models import add_lora, build_student
+from kd_lightning.models import add_lora, build_student, frozen
 
 ROLES = ("student", "teacher", "student-init")
 #: the config groups kd-eval and kd-export read
@@ -84,9 +84,13 @@ def load_run(path: Path, role: str = "student") -> tuple:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path = Path(path)
     cfg = run_config(path)
-    teacher = instantiate(cfg.model.teacher)
+    teacher_factory = instantiate(cfg.model.teacher)
+
+    def teacher() -> nn.Module:
+        return frozen(teacher_factory())
+
     if role == "teacher":
-        return instantiate(cfg.model.tokenizer), teacher().requires_grad_(False).eval(), cfg
+        return instantiate(cfg.model.tokenizer), teacher(), cfg
     student = build_student(instantiate(cfg.model.student), teacher)
     lora = cfg.module.get("lora")
     if lora is not None and lora.r > 0:
@@ -101,9 +105,9 @@ def load_trained_weights(student: nn.Module, state_dict: dict) -> None:
     """The student's weights from a module state dict (keys ``student.…``): all of them,
     or a LoRA student's adapters, whose frozen base is the one just built."""
     weights = {key.removeprefix("student."): value for key, value in state_dict.items() if key.startswith("student.")}
-    frozen = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
+    frozen_base = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
     result = student.load_state_dict(weights, strict=False)
-    missing = [key for key in result.missing_keys if key not in frozen]
+    missing = [key for key in result.missing_keys if key not in frozen_base]
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"the checkpoint does not fit the run's student: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"

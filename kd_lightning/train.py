@@ -62,22 +62,26 @@ def fit(cfg: DictConfig) -> L.Trainer:
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Every entry of the ``callbacks`` group, in order. An entry with ``enabled: false``
-    is off; a partial (``_partial_: true``) is called with the run's config."""
+    """Every entry of the ``callbacks`` group, in order. An entry that is null or has
+    ``enabled: false`` is off; a partial (``_partial_: true``) is called with the run's config."""
     callbacks = []
     for entry in cfg.callbacks.values():
-        settings = OmegaConf.to_container(entry, resolve=True)
-        if settings.pop("enabled", True):
+        settings = {} if entry is None else OmegaConf.to_container(entry, resolve=True)
+        if settings and settings.pop("enabled", True):
             callback = instantiate(settings)
             callbacks.append(callback(run_config=cfg) if isinstance(callback, partial) else callback)
     return callbacks
 
 
-#: τ has one place in the config, the top-level keys, which module.temperature is wired to
-TEMPERATURE_KEYS = (
-    "module.temperature is set from the top-level keys: use temperature=<τ> (and temperature_schedule, "
-    "temperature_end for a schedule) instead of overriding module.temperature"
-)
+#: keys that τ once had besides the top-level ones, which module.temperature is now wired to
+OLD_TEMPERATURE_KEYS = ("module.temperature", "callbacks.temperature_schedule")
+
+
+def temperature_keys_message(key: str) -> str:
+    return (
+        f"{key}: τ has one place in the config, the top-level keys: use temperature=<τ> "
+        "(and temperature_schedule, temperature_end for a schedule)"
+    )
 
 
 def check_temperature_keys(cfg: DictConfig) -> None:
@@ -87,7 +91,7 @@ def check_temperature_keys(cfg: DictConfig) -> None:
         cfg.temperature_schedule, cfg.temperature, cfg.temperature_end
     )
     if not wired:
-        raise ValueError(TEMPERATURE_KEYS)
+        raise ValueError(temperature_keys_message("module.temperature"))
 
 
 def check_cacheable(cfg: DictConfig) -> None:
@@ -123,8 +127,8 @@ def refuse_moved_keys(overrides: list[str]) -> None:
     the new key) or of τ inside the module (naming the top-level keys)."""
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key == "module.temperature" or key.startswith("module.temperature."):
-            raise ValueError(TEMPERATURE_KEYS)
+        if any(key == old or key.startswith(old + ".") for old in OLD_TEMPERATURE_KEYS):
+            raise ValueError(temperature_keys_message(key))
         for old, new in MOVED_KEYS.items():
             if key == old or key.startswith(old + "."):
                 raise ValueError(f"{key} has moved: use {new}{key[len(old):]}")

@@ -68,14 +68,20 @@ class ConcreteScore(Divergence):
         second_mean = (second_weights * delta).sum(-1, keepdim=True)
         return first_weights, second_weights, delta, first_mean, second_mean, infinite
 
-    def value(self, first_weights, second_weights, delta, first_mean, second_mean, infinite) -> Tensor:
+    def value(
+        self, first_weights: Tensor, second_weights: Tensor, delta: Tensor, first_mean: Tensor, second_mean: Tensor,
+        infinite: Tensor,
+    ) -> Tensor:
         """``¼ (Var_w1[Δ] + Var_w2[Δ] + (E_w1[Δ] − E_w2[Δ])²)``."""
         first_variance = (first_weights * (delta - first_mean).square()).sum(-1)
         second_variance = (second_weights * (delta - second_mean).square()).sum(-1)
         divergence = 0.25 * (first_variance + second_variance + (first_mean - second_mean).squeeze(-1).square())
         return divergence.masked_fill(infinite, torch.inf)
 
-    def gradient(self, first_weights, second_weights, delta, first_mean, second_mean, infinite) -> Tensor:
+    def gradient(
+        self, first_weights: Tensor, second_weights: Tensor, delta: Tensor, first_mean: Tensor, second_mean: Tensor,
+        infinite: Tensor,
+    ) -> Tensor:
         """``½ (w1 ⊙ (Δ − E_w2[Δ]) + w2 ⊙ (Δ − E_w1[Δ]))``; it sums to 0 over the vocabulary."""
         return 0.5 * (first_weights * (delta - second_mean) + second_weights * (delta - first_mean))
 

@@ -141,10 +141,16 @@ class AdaptiveKL(Divergence):
         reverse = (student_probs * reverse_terms).sum(-1)
         return head_weight, teacher_probs, student_probs, reverse_terms, forward, reverse
 
-    def value(self, head_weight, teacher_probs, student_probs, reverse_terms, forward, reverse) -> Tensor:
+    def value(
+        self, head_weight: Tensor, teacher_probs: Tensor, student_probs: Tensor, reverse_terms: Tensor, forward: Tensor,
+        reverse: Tensor,
+    ) -> Tensor:
         return head_weight * forward + (1 - head_weight) * reverse
 
-    def gradient(self, head_weight, teacher_probs, student_probs, reverse_terms, forward, reverse) -> Tensor:
+    def gradient(
+        self, head_weight: Tensor, teacher_probs: Tensor, student_probs: Tensor, reverse_terms: Tensor, forward: Tensor,
+        reverse: Tensor,
+    ) -> Tensor:
         head_weight = head_weight.unsqueeze(-1)
         return head_weight * (student_probs - teacher_probs) + (1 - head_weight) * student_probs * (
             reverse_terms - reverse.unsqueeze(-1)
