@@ -17,6 +17,7 @@ head is one new class with those two methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +112,17 @@ class GlobalMean:
 
     def ce(self, values: Tensor) -> Tensor:
         return values.sum() * self.world_size / self.ce_count
+
+
+class LossHead(Protocol):
+    """What the module asks of a loss head, in this order, once per batch."""
+
+    def difficulty(self) -> Tensor:
+        """Hellinger distance between p and q at τ = 1 per counted token, no gradient."""
+
+    def kept_losses(self, tokens: TokenBatch, weights: Tensor, mean: GlobalMean) -> tuple[Tensor, Tensor]:
+        """D of the kept tokens at their temperatures (to be weighted by ``weights``, τ_i²
+        or 1) and the cross-entropy of every counted token, ready to backpropagate."""
 
 
 class EagerHead:

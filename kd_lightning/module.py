@@ -17,7 +17,7 @@ from kd_lightning import losses
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.checkpoints import drop_teacher_weights, ignore_missing_teacher
 from kd_lightning.diagnostics import non_finite_loss_message, print_parameter_memory
-from kd_lightning.heads import CountedStates, EagerHead, FusedHead, GlobalMean, LmHeads, counted_states
+from kd_lightning.heads import CountedStates, EagerHead, FusedHead, GlobalMean, LmHeads, LossHead, counted_states
 from kd_lightning.models import add_lora, build_student, frozen, shard_by_layer, shard_teacher
 from kd_lightning.schedule import as_schedule, total_steps
 from kd_lightning.tokens import TokenBatch, active_policies
@@ -188,7 +188,7 @@ class DistillationModule(L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         return count.clamp_min(1)
 
-    def loss_head(self, states: CountedStates, selective: bool) -> EagerHead | FusedHead:
+    def loss_head(self, states: CountedStates, selective: bool) -> LossHead:
         """The fused head where it applies (``loss_impl="fused"`` and bias-free linear
         lm_heads, the cross-entropy of ``ce_weight`` included), else the eager one."""
         lm_heads = LmHeads.of(self.student, self.teacher, self.vocab_size)
