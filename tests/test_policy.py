@@ -28,7 +28,7 @@ def test_split_then_rebuild_gives_back_the_batch(batch):
 def test_on_policy_batch_holds_student_tokens_after_the_unchanged_masked_prompt(batch, tokenizer):
     student = tiny_causal_lm(num_layers=1, seed=2)
     callback = StudentResponses(probability=1.0, max_new_tokens=6)
-    trainer = SimpleNamespace(global_step=0, max_steps=10, datamodule=SimpleNamespace(tokenizer=tokenizer))
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=10, datamodule=SimpleNamespace(tokenizer=tokenizer))
     module = SimpleNamespace(student=student, log=lambda *args, **kwargs: None)
     prompts = split_prompts(batch)
     torch.manual_seed(7)
