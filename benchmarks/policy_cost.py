@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         offline, _ = run(["policy=offline"], args.steps, Path(scratch) / "offline")
         on_policy, metrics = run(
-            ["policy=on_policy", "policy.lambda=1.0", f"policy.callback.max_new_tokens={args.max_new_tokens}"],
+            ["policy=on_policy", "policy.lambda=1.0", f"callbacks.student_responses.max_new_tokens={args.max_new_tokens}"],
             args.steps, Path(scratch) / "on_policy",
         )
     generation = metrics["policy/gen_tokens_per_s"].dropna()

@@ -195,8 +195,8 @@ def kd_case(case: str, args, data_file: Path, run_dir: Path) -> None:
     with open_dict(cfg):
         cfg.callbacks.step_meter = {"_target_": f"{__name__}.LightningMeter"}
         if case.startswith("kd-latf-"):
-            cfg.selection.latf = {
-                **cfg.selection.latf, "_target_": f"{__name__}.pinned_latf", "ratio": float(case.rsplit("-", 1)[1]),
+            cfg.callbacks.latf = {
+                **cfg.callbacks.latf, "_target_": f"{__name__}.pinned_latf", "ratio": float(case.rsplit("-", 1)[1]),
             }
     fit(cfg)
 

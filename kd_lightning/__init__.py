@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DistillationModule": "kd_lightning.module",
-    "TokenBatch": "kd_lightning.module",
+    "TokenBatch": "kd_lightning.tokens",
     "InstructionDataModule": "kd_lightning.data",
 }
 

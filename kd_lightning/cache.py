@@ -34,8 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from kd_lightning.constants import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 from kd_lightning.data.datamodule import counted_positions
-from kd_lightning.models import last_hidden_state, lm_head
+from kd_lightning.models import frozen, last_hidden_state, lm_head
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,6 @@ def run_fingerprint(cfg, tokenizer, datamodule) -> dict:
     """What a run's teacher states depend on, from its config (``FINGERPRINT_FIELDS``)."""
     from omegaconf import OmegaConf
 
-    from kd_lightning.data.datamodule import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
-
     teacher = OmegaConf.to_container(cfg.model.teacher, resolve=True)
     if datamodule.path is None:
         data = {"dataset": datamodule.dataset._fingerprint}
@@ -323,7 +322,7 @@ def build(cfg) -> Path:
     writer = TeacherCacheWriter(cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
-    teacher = instantiate(cfg.model.teacher)().requires_grad_(False).eval().to(device)
+    teacher = frozen(instantiate(cfg.model.teacher)()).to(device)
     started = time.perf_counter()
     manifest = writer.write(
         teacher, {"train": datamodule.train_set, "validation": datamodule.val_set}, datamodule.collate,

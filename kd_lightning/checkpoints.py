@@ -1,4 +1,5 @@
-"""Checkpoints that survive interruptions: written atomically, and periodically by time.
+"""Checkpoints that survive interruptions, written atomically and periodically by time,
+and hold the trained weights only (never the frozen teacher).
 
 A checkpoint file is first written in full to ``NAME.partial`` next to its final path,
 flushed to disk, then renamed over ``NAME`` (``os.replace``, atomic on POSIX file
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 
 
 class CheckpointWriteError(OSError):
@@ -81,3 +83,25 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         self.saved_at = time.monotonic()
+
+
+def frozen_student_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys (under ``student.``) of a LoRA student's frozen base weights."""
+    if not module.lora or not hasattr(module, "student"):
+        return set()
+    return {f"student.{name}" for name, parameter in module.student.named_parameters() if not parameter.requires_grad}
+
+
+def drop_teacher_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state-dict hook: the frozen teacher, and a LoRA student's frozen base, are rebuilt
+    from their sources, never saved with the trained weights."""
+    frozen = {prefix + key for key in frozen_student_keys(module)}
+    for key in [key for key in state_dict if key.startswith(prefix + "teacher.") or key in frozen]:
+        del state_dict[key]
+
+
+def ignore_missing_teacher(module: nn.Module, incompatible_keys) -> None:
+    """A load-state-dict hook: loading a checkpoint leaves the live teacher (and a LoRA
+    student's frozen base) as it is: their keys are not missing."""
+    missing, frozen = incompatible_keys.missing_keys, frozen_student_keys(module)
+    missing[:] = [key for key in missing if not (key.startswith("teacher.") or ".teacher." in key or key in frozen)]

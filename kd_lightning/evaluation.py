@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.cli import reported_errors
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
 from kd_lightning.generation import sample_continuations
-from kd_lightning.runs import ROLES, load_run, run_directory
+from kd_lightning.runs import ROLES, describe_run, load_run, run_directory
 
 EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
 CSV_COLUMNS = ("divergence", "temperature", "selection", "seed", "dataset", "rouge_l", "decoding")
@@ -106,16 +106,15 @@ class RougeEvaluation(L.Callback):
             pl_module.log(f"eval/rougeL/{dataset}", score, rank_zero_only=True)
 
 
-def describe_run(cfg, role: str) -> dict:
+def result_fields(cfg, role: str) -> dict:
     """The result-table fields of a run: its divergence, τ, token selection and training
     seed. Baselines name themselves in the divergence column and have no τ: ``teacher``,
     ``student-init`` (before distillation) and ``ce`` (trained with cross-entropy only)."""
-    selection = "+".join(cfg.selection) or "none"
+    run = describe_run(cfg)
     if role != "student":
-        return {"divergence": role, "temperature": "", "selection": "none", "seed": cfg.seed}
-    if cfg.module.ce_weight == 1:
-        return {"divergence": "ce", "temperature": "", "selection": selection, "seed": cfg.seed}
-    return {"divergence": cfg.divergence.name, "temperature": cfg.temperature, "selection": selection, "seed": cfg.seed}
+        return {"divergence": role, "temperature": "", "selection": "none", "seed": run["seed"]}
+    divergence, temperature = ("ce", "") if run["ce_weight"] == 1 else (run["divergence"], run["temperature"])
+    return {"divergence": divergence, "temperature": temperature, "selection": run["selection"], "seed": run["seed"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     )
                     decoding = "greedy" if seed is None else f"sampling seed {seed}"
-                    writer.writerow({**describe_run(cfg, args.role), "dataset": dataset, "rouge_l": f"{score:.2f}", "decoding": decoding})
+                    writer.writerow({**result_fields(cfg, args.role), "dataset": dataset, "rouge_l": f"{score:.2f}", "decoding": decoding})
                     print(f"{dataset} ({decoding}): ROUGE-L {score:.2f}", flush=True)
         print(f"results: {out}")
 

@@ -25,28 +25,27 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.cli import reported_errors
-from kd_lightning.data.datamodule import PLAIN_TEMPLATE
-from kd_lightning.runs import load_run, run_directory
+from kd_lightning.constants import PLAIN_TEMPLATE
+from kd_lightning.runs import describe_run, load_run, run_directory
 
 
 def run_settings(cfg: DictConfig) -> dict[str, str]:
     """The settings of a run that a model card names."""
     teacher = cfg.model.teacher
     source = teacher.get("gguf_file") or teacher.get("name_or_path") or teacher.get("_target_")
-    selection = "+".join(cfg.selection) or "none"
-    kwargs = {key: value for key, value in cfg.divergence.items() if key not in ("_target_", "name")}
-    divergence = cfg.divergence.name + (f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
+    run = describe_run(cfg)
+    params = ", ".join(f"{key}={value}" for key, value in run["divergence_params"].items())
     settings = {
         "teacher": str(source),
-        "divergence": divergence,
-        "temperature τ": f"{cfg.temperature} ({cfg.temperature_schedule})",
-        "token selection": selection,
-        "data source policy": f"{cfg.policy.name} (λ = {cfg.policy['lambda']})",
-        "cross-entropy weight": str(cfg.module.ce_weight),
+        "divergence": run["divergence"] + (f" ({params})" if params else ""),
+        "temperature τ": f"{run['temperature']} ({run['temperature_schedule']})",
+        "token selection": run["selection"],
+        "data source policy": run["policy"],
+        "cross-entropy weight": str(run["ce_weight"]),
         "training data": f"{cfg.data.path} (max_length {cfg.data.max_length}, max_train_examples {cfg.data.max_train_examples})",
         "steps": f"{cfg.trainer.max_steps} × batch {cfg.data.batch_size} per process",
         "learning rate": f"{cfg.module.optimizer.lr} ({cfg.module.lr_scheduler})",
-        "seed": str(cfg.seed),
+        "seed": str(run["seed"]),
     }
     lora = cfg.module.get("lora")
     if lora is not None and lora.r > 0:
@@ -141,10 +140,11 @@ def export(path: Path, out_dir: Path, adapters_only: bool = False) -> Path:
 
 class ExportStudent(L.Callback):
     """At the end of training, write the student to ``out_dir`` as ``kd-export`` does
-    (gathered from its shards under FSDP; written by the first process)."""
+    (gathered from its shards under FSDP; written by the first process), with a model
+    card describing ``run_config``."""
 
-    def __init__(self, out_dir: str | Path, cfg: DictConfig):
-        self.out_dir, self.settings = Path(out_dir), run_settings(cfg)
+    def __init__(self, out_dir: str | Path, run_config: DictConfig):
+        self.out_dir, self.settings = Path(out_dir), run_settings(run_config)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module.lora and isinstance(trainer.strategy, ModelParallelStrategy):

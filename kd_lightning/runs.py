@@ -11,11 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from kd_lightning.module import DistillationModule
+from kd_lightning.models import add_lora, build_student, frozen
 
 ROLES = ("student", "teacher", "student-init")
 #: the config groups kd-eval and kd-export read
-RUN_GROUPS = ("model", "data", "divergence", "selection", "policy", "module", "trainer")
+RUN_GROUPS = ("model", "data", "divergence", "callbacks", "policy", "module", "trainer")
+#: the callbacks entries of the selection group (older run configs list them under a selection key)
+TOKEN_POLICY_ENTRIES = ("latf", "idts")
 
 
 def run_directory(path: Path) -> Path:
@@ -38,7 +40,7 @@ def run_config(path: Path) -> DictConfig:
         raise ValueError(
             f"{config_file} has no {', '.join(missing)} config group{'s' if len(missing) > 1 else ''}: the run was "
             "written by an older kd_lightning. Add the group to that file as `kd-train --cfg job` prints it "
-            "(e.g. policy: {name: offline, lambda: 0.0, callback: null} for a run trained on the dataset's responses)"
+            "(e.g. policy: {name: offline, lambda: 0.0} for a run trained on the dataset's responses)"
         )
     return cfg
 
@@ -56,20 +58,57 @@ def checkpoint_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
+def describe_run(cfg: DictConfig) -> dict:
+    """What a run trained with, as kd-eval's result rows and kd-export's model card name it:
+    its divergence (and parameters), τ and its schedule, token selection, data source
+    policy, cross-entropy weight and seed."""
+    token_policies = cfg.selection if "selection" in cfg else [name for name in cfg.callbacks if name in TOKEN_POLICY_ENTRIES]
+    return {
+        "divergence": cfg.divergence.name,
+        "divergence_params": {key: value for key, value in cfg.divergence.items() if key not in ("_target_", "name")},
+        "temperature": cfg.temperature,
+        "temperature_schedule": cfg.temperature_schedule,
+        "selection": "+".join(token_policies) or "none",
+        "policy": f"{cfg.policy.name} (λ = {cfg.policy['lambda']})",
+        "ce_weight": cfg.module.ce_weight,
+        "seed": cfg.seed,
+    }
+
+
 def load_run(path: Path, role: str = "student") -> tuple:
     """The tokenizer, the model of ``role`` and the config of a run, from its directory
     (its ``checkpoints/last.ckpt``) or one of its checkpoints. ``student-init`` is the
-    student as the run built it, before training; the teacher is rebuilt from its source."""
+    student as the run built it, before training; the teacher is rebuilt from its source.
+    Only that role is built (and the teacher's weights only for a student copied from them)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path = Path(path)
     cfg = run_config(path)
-    module = DistillationModule(
-        student=instantiate(cfg.model.student), teacher=instantiate(cfg.model.teacher), lora=cfg.module.get("lora")
-    )
-    module.configure_model()
+    teacher_factory = instantiate(cfg.model.teacher)
+
+    def teacher() -> nn.Module:
+        return frozen(teacher_factory())
+
+    if role == "teacher":
+        return instantiate(cfg.model.tokenizer), teacher(), cfg
+    student = build_student(instantiate(cfg.model.student), teacher)
+    lora = cfg.module.get("lora")
+    if lora is not None and lora.r > 0:
+        student = add_lora(student, **lora)
     if role == "student":
         checkpoint = path if path != run_directory(path) else path / "checkpoints" / "last.ckpt"
-        module.load_state_dict(checkpoint_state(checkpoint))
-    model: nn.Module = module.teacher if role == "teacher" else module.student
-    return instantiate(cfg.model.tokenizer), model, cfg
+        load_trained_weights(student, checkpoint_state(checkpoint))
+    return instantiate(cfg.model.tokenizer), student, cfg
+
+
+def load_trained_weights(student: nn.Module, state_dict: dict) -> None:
+    """The student's weights from a module state dict (keys ``student.…``): all of them,
+    or a LoRA student's adapters, whose frozen base is the one just built."""
+    weights = {key.removeprefix("student."): value for key, value in state_dict.items() if key.startswith("student.")}
+    frozen_base = {name for name, parameter in student.named_parameters() if not parameter.requires_grad}
+    result = student.load_state_dict(weights, strict=False)
+    missing = [key for key in result.missing_keys if key not in frozen_base]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the checkpoint does not fit the run's student: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

@@ -8,25 +8,25 @@
 from __future__ import annotations
 
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.cache import CachedTeacher, run_fingerprint
 from kd_lightning.cli import compact_errors
-from kd_lightning.export import ExportStudent
-from kd_lightning.models import check_same_tokenizer
-from kd_lightning.module import wants_teacher
+from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
 
 log = logging.getLogger(__name__)
 
 
 def fit(cfg: DictConfig) -> L.Trainer:
     """Build tokenizer, data, module, callbacks, loggers and trainer from ``cfg``, then fit."""
+    check_temperature_keys(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     # the models' own tokenizers, where they ship one, must equal the run's
@@ -38,9 +38,8 @@ def fit(cfg: DictConfig) -> L.Trainer:
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     if cfg.teacher_cache:
         check_cacheable(cfg)
-        if wants_teacher(student) and not cfg.model.student.get("name_or_path"):
-            # a copy of teacher layers: built from the live teacher, which is freed before training
-            student = partial(student_from_teacher, student, teacher)
+        if copies_teacher(student):  # built from the live teacher, which is freed before training
+            student = partial(build_student, student, teacher)
         teacher = partial(CachedTeacher, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
     module = instantiate(
         cfg.module,
@@ -49,11 +48,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
         divergence=instantiate(cfg.divergence),
         vocab_size=len(tokenizer),
     )
-    callbacks = [instantiate(callback) for callback in (*cfg.callbacks.values(), *cfg.selection.values())]
-    if cfg.policy.callback is not None:
-        callbacks.append(instantiate(cfg.policy.callback))
-    if cfg.export.enabled:
-        callbacks.append(ExportStudent(cfg.export.dir, cfg))
+    callbacks = instantiate_callbacks(cfg)
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -66,17 +61,45 @@ def fit(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Every entry of the ``callbacks`` group, in order. An entry that is null or has
+    ``enabled: false`` is off; a partial (``_partial_: true``) is called with the run's config."""
+    callbacks = []
+    for entry in cfg.callbacks.values():
+        settings = {} if entry is None else OmegaConf.to_container(entry, resolve=True)
+        if settings and settings.pop("enabled", True):
+            callback = instantiate(settings)
+            callbacks.append(callback(run_config=cfg) if isinstance(callback, partial) else callback)
+    return callbacks
+
+
+#: keys that τ once had besides the top-level ones, which module.temperature is now wired to
+OLD_TEMPERATURE_KEYS = ("module.temperature", "callbacks.temperature_schedule")
+
+
+def temperature_keys_message(key: str) -> str:
+    return (
+        f"{key}: τ has one place in the config, the top-level keys: use temperature=<τ> "
+        "(and temperature_schedule, temperature_end for a schedule)"
+    )
+
+
+def check_temperature_keys(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` unless ``module.temperature`` is the schedule of the top-level τ keys."""
+    schedule = cfg.module.temperature
+    wired = OmegaConf.is_dict(schedule) and (schedule.get("kind"), schedule.get("start"), schedule.get("end")) == (
+        cfg.temperature_schedule, cfg.temperature, cfg.temperature_end
+    )
+    if not wired:
+        raise ValueError(temperature_keys_message("module.temperature"))
+
+
 def check_cacheable(cfg: DictConfig) -> None:
-    if cfg.policy.callback is not None:
+    if "student_responses" in cfg.callbacks:
         raise ValueError(
             f"policy={cfg.policy.name} trains on responses the student generates, which the teacher must score "
             "live; a teacher cache holds the data set's responses only: drop teacher_cache or use policy=offline"
         )
-
-
-def student_from_teacher(student_factory, teacher_factory):
-    """The student ``student_factory`` builds from a live teacher, loaded for this alone."""
-    return student_factory(teacher=teacher_factory())
 
 
 def optimized_metric(trainer: L.Trainer, name: str) -> float:
@@ -90,11 +113,40 @@ def optimized_metric(trainer: L.Trainer, name: str) -> float:
     return float(trainer.callback_metrics[name])
 
 
+#: config keys that moved, and where: an override of an old key is refused, naming the new one
+MOVED_KEYS = {
+    "selection.latf": "callbacks.latf",
+    "selection.idts": "callbacks.idts",
+    "policy.callback.temperature": "callbacks.student_responses.sampling_temperature",
+    "policy.callback": "callbacks.student_responses",
+}
+
+
+def refuse_moved_keys(overrides: list[str]) -> None:
+    """Raise ``ValueError`` for the first command-line override of a key that moved (naming
+    the new key) or of τ inside the module (naming the top-level keys)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if any(key == old or key.startswith(old + ".") for old in OLD_TEMPERATURE_KEYS):
+            raise ValueError(temperature_keys_message(key))
+        for old, new in MOVED_KEYS.items():
+            if key == old or key.startswith(old + "."):
+                raise ValueError(f"{key} has moved: use {new}{key[len(old):]}")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://kd_lightning.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     with compact_errors("kd-train"):
         trainer = fit(cfg)
         return optimized_metric(trainer, cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+def main() -> float | None:
+    try:
+        refuse_moved_keys(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"kd-train: error: {error}")
+    return run()
 
 
 if __name__ == "__main__":

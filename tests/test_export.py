@@ -71,3 +71,21 @@ def test_export_of_an_fsdp_checkpoint(tmp_path):
     torch.testing.assert_close(logits(exported), logits(at_end), rtol=0, atol=0)
     _, initial, _ = load_run(out, "student-init")
     assert not torch.equal(logits(exported), logits(initial))  # the trained weights, not the initial ones
+
+
+def test_load_run_builds_only_the_role_it_loads(tiny_run, monkeypatch):
+    """The teacher alone for the teacher; for the student, the teacher only because the
+    tiny student is a copy of its layers."""
+    import functools
+
+    from kd_lightning import models
+
+    built = []
+    for name in ("tiny_causal_lm", "copy_layers"):
+        original = getattr(models, name)
+        recording = functools.wraps(original)(lambda *args, _run=original, _name=name, **kwargs: built.append(_name) or _run(*args, **kwargs))
+        monkeypatch.setattr(models, name, recording)
+    load_run(tiny_run, "teacher")
+    assert built == ["tiny_causal_lm"]
+    load_run(tiny_run, "student")
+    assert built == ["tiny_causal_lm", "tiny_causal_lm", "copy_layers"]

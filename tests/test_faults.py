@@ -21,7 +21,7 @@ TINY = [
     "model=tiny", "data.max_train_examples=28", "trainer.max_steps=15", "trainer.enable_progress_bar=false",
     "logger=none",
 ]
-MIXED = ["policy=mixed", "policy.lambda=0.5", "policy.callback.max_new_tokens=16"]
+MIXED = ["policy=mixed", "policy.lambda=0.5", "callbacks.student_responses.max_new_tokens=16"]
 
 
 def kd_train(*args):

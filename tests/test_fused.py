@@ -261,3 +261,35 @@ def test_mixed_loss_builds_no_full_vocabulary_logits():
                 cross_entropy = torch.nn.functional.cross_entropy(student_logits, labels, reduction="none")
             (values.sum() + 0.5 * cross_entropy.sum()).backward()
         assert max(recorder.rows) <= max(chunk_size, TEACHER_HIDDEN) if fused else max(recorder.rows) == tokens
+
+
+def test_one_chunk_iterator_visits_each_selected_token_once():
+    from kd_lightning.losses.fused import chunks
+
+    student_hidden, student_weight, teacher_hidden, teacher_weight = (tensor.detach() for tensor in problem())
+    visited = torch.arange(TOKENS) % 3 != 0
+    inverse_tau = torch.linspace(0.5, 2.0, TOKENS, dtype=torch.float64)
+    seen = []
+    for rows, hidden, student_logits, teacher_logits in chunks(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, visited, 4, inverse_tau
+    ):
+        assert len(rows) <= 4
+        seen += rows.tolist()
+        torch.testing.assert_close(hidden, student_hidden[rows])
+        torch.testing.assert_close(student_logits, (student_hidden[rows] @ student_weight.T) * inverse_tau[rows, None])
+        torch.testing.assert_close(teacher_logits, (teacher_hidden[rows] @ teacher_weight.T) * inverse_tau[rows, None])
+    assert seen == visited.nonzero().squeeze(-1).tolist()
+
+
+def test_token_statistics_equal_the_unfused_ones():
+    """The statistics pass (difficulty and cross-entropy at τ = 1, no gradient) runs through
+    the same chunks as the gradient pass and equals the full-logit computation."""
+    from kd_lightning.losses.fused import cross_entropy_per_token, token_statistics
+
+    student_hidden, student_weight, teacher_hidden, teacher_weight = problem()
+    labels = torch.arange(TOKENS) % VOCAB
+    difficulty, cross_entropy = token_statistics(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, 5)
+    student_logits, teacher_logits = student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T
+    torch.testing.assert_close(difficulty, losses.hellinger(student_logits, teacher_logits).float())
+    torch.testing.assert_close(cross_entropy, cross_entropy_per_token(student_logits.detach(), labels).float())
+    assert not difficulty.requires_grad and not cross_entropy.requires_grad

@@ -427,3 +427,23 @@ def test_akl_head_of_flat_distributions_matches_a_sort(mu, dtype):
     expected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before < mu)
     head = losses.get("akl", mu=mu).in_head(probs)
     assert expected.sum() > 6 * 16 and torch.equal(head, expected)
+
+
+@pytest.mark.parametrize("name, params", CASES, ids=CASE_IDS)
+def test_value_and_gradient_come_from_one_set_of_terms(name, params):
+    """``values_and_logit_gradients`` is D (as ``forward`` gives it) and ``∂D/∂(z/τ)`` (as
+    autograd gives it), from one call of ``terms``."""
+    divergence = losses.get(name, **params)
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 19, generator=generator, dtype=torch.float64).requires_grad_(True)
+    teacher = torch.randn(6, 19, generator=generator, dtype=torch.float64)
+    expected = divergence(student, teacher, 2.0)
+    (expected_gradient,) = torch.autograd.grad(expected.sum(), student)
+    calls = []
+    terms = divergence.terms
+    divergence.terms = lambda *args: calls.append(1) or terms(*args)
+    log_q, log_p = (torch.log_softmax(logits.detach() / 2.0, -1) for logits in (student, teacher))
+    value, gradient = divergence.values_and_logit_gradients(log_q, log_p)
+    assert len(calls) == 1
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(gradient / 2.0, expected_gradient)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kd_lightning import DistillationModule, TokenBatch, losses
+from kd_lightning.heads import EagerHead, FusedHead, counted_states
 from kd_lightning.models import copy_layers, tiny_causal_lm
 
 
@@ -232,10 +233,18 @@ def test_fused_and_eager_paths_agree(name, with_policy, batch):
         torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
+def head_type(module, batch):
+    """The loss head ``module`` uses on ``batch``."""
+    return type(module.loss_head(counted_states(module.student, module.teacher, batch), selective=False))
+
+
 def test_fused_path_falls_back_to_eager_where_it_cannot_apply(batch):
-    assert make_module().fused_head_weights() is not None
-    assert make_module(ce_weight=0.5).fused_head_weights() is not None  # the cross-entropy joins the fused pass
-    assert make_module(loss_impl="eager").fused_head_weights() is None
+    assert head_type(make_module(), batch) is FusedHead
+    assert head_type(make_module(ce_weight=0.5), batch) is FusedHead  # the cross-entropy joins the fused pass
+    assert head_type(make_module(loss_impl="eager"), batch) is EagerHead
+    biased = make_module()
+    break_head(biased.student, 0.0)  # an lm_head with a bias: no fused path
+    assert head_type(biased, batch) is EagerHead
     with pytest.raises(ValueError, match="loss_impl"):
         make_module(loss_impl="triton")
 
@@ -276,7 +285,7 @@ def test_cross_entropy_mix_runs_fused_and_equals_eager(kept_ratio, ce_weight, ba
     for loss_impl in ("eager", "fused"):
         module = make_module(divergence="fkl", temperature=2.0, ce_weight=ce_weight, loss_impl=loss_impl, chunk_size=37)
         module.double().token_policies.append(latf_at(kept_ratio))
-        assert (module.fused_head_weights() is not None) == (loss_impl == "fused")
+        assert head_type(module, batch) is (FusedHead if loss_impl == "fused" else EagerHead)
         out = module.training_step(batch, 0)
         out["loss"].backward()
         results.append([out["loss"].detach(), out["kd_loss"], out["ce_loss"], *(p.grad for p in module.student.parameters())])

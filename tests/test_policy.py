@@ -28,7 +28,7 @@ def test_split_then_rebuild_gives_back_the_batch(batch):
 def test_on_policy_batch_holds_student_tokens_after_the_unchanged_masked_prompt(batch, tokenizer):
     student = tiny_causal_lm(num_layers=1, seed=2)
     callback = StudentResponses(probability=1.0, max_new_tokens=6)
-    trainer = SimpleNamespace(global_step=0, max_steps=10, datamodule=SimpleNamespace(tokenizer=tokenizer))
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=10, datamodule=SimpleNamespace(tokenizer=tokenizer))
     module = SimpleNamespace(student=student, log=lambda *args, **kwargs: None)
     prompts = split_prompts(batch)
     torch.manual_seed(7)
@@ -80,7 +80,7 @@ def test_lambda_zero_trains_exactly_offline(tmp_path):
 
 @pytest.mark.parametrize("overrides", [("divergence=csd", "selection=adakd"), ("divergence=rkl", "module.loss_impl=eager")])
 def test_on_policy_runs_with_any_divergence_selection_and_loss_path(overrides, tmp_path):
-    trainer = fit(compose_config(tmp_path, *TINY, "policy=on_policy", "policy.callback.max_new_tokens=8", *overrides))
+    trainer = fit(compose_config(tmp_path, *TINY, "policy=on_policy", "callbacks.student_responses.max_new_tokens=8", *overrides))
     metrics = pd.read_csv(trainer.logger.log_dir + "/metrics.csv")
     assert metrics["policy/on_policy_fraction"].dropna().tolist() == [1.0, 1.0]
     assert metrics["train/loss"].dropna().map(math.isfinite).all()
@@ -88,7 +88,7 @@ def test_on_policy_runs_with_any_divergence_selection_and_loss_path(overrides, t
 
 def test_mixed_buffer_round_trips_through_a_checkpoint(tmp_path):
     out = tmp_path / "OUT"
-    common = ("model=tiny", "policy=mixed", "policy.lambda=1.0", "policy.callback.max_new_tokens=8", f"hydra.run.dir={out}")
+    common = ("model=tiny", "policy=mixed", "policy.lambda=1.0", "callbacks.student_responses.max_new_tokens=8", f"hydra.run.dir={out}")
     first = kd_train(*common, "trainer.max_steps=3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
@@ -111,7 +111,7 @@ def test_on_policy_under_fsdp_with_two_processes(tmp_path):
     out = tmp_path / "OUT"
     run = kd_train(
         "model=tiny", "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=2", "policy=on_policy",
-        "policy.callback.max_new_tokens=8", f"hydra.run.dir={out}", cwd=tmp_path,
+        "callbacks.student_responses.max_new_tokens=8", f"hydra.run.dir={out}", cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert pd.read_csv(out / "metrics.csv")["policy/on_policy_fraction"].dropna().tolist() == [1.0, 1.0]

@@ -1,5 +1,6 @@
 """Token policies (SPEC §3): LATF ratio dynamics, IDTS temperatures, schedules, resume."""
 
+import csv
 import math
 
 import lightning as L
@@ -7,13 +8,9 @@ import pytest
 import torch
 
 from kd_lightning import DistillationModule, TokenBatch, losses
-from kd_lightning.callbacks import (
-    InverseDifficultyTemperature,
-    LossAdaptiveTokenFocusing,
-    TemperatureSchedule,
-    scheduled_temperature,
-)
+from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing
 from kd_lightning.models import tiny_causal_lm
+from kd_lightning.schedule import TemperatureSchedule, scheduled_temperature
 
 
 def latf(**kwargs):
@@ -203,13 +200,15 @@ def test_fit_logs_selection_and_resume_restores_state(datamodule, tmp_path):
     def run(max_steps, ckpt_path=None):
         policy = LossAdaptiveTokenFocusing(warmup_steps=1, beta=0.5)
         module = DistillationModule(
-            student=tiny_causal_lm(seed=2), teacher=tiny_causal_lm(num_layers=2, initializer_range=0.3, seed=1)
+            student=tiny_causal_lm(seed=2),
+            teacher=tiny_causal_lm(num_layers=2, initializer_range=0.3, seed=1),
+            temperature=TemperatureSchedule("linear", 1.0, 3.0),
         )
         trainer = L.Trainer(
             accelerator="cpu",
             max_steps=max_steps,
             logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
-            callbacks=[policy, InverseDifficultyTemperature(), TemperatureSchedule("linear", 1.0, 3.0)],
+            callbacks=[policy, InverseDifficultyTemperature()],
             enable_progress_bar=False,
             enable_model_summary=False,
             limit_val_batches=0,
@@ -230,3 +229,30 @@ def test_fit_logs_selection_and_resume_restores_state(datamodule, tmp_path):
     resumed_trainer, resumed = run(4, ckpt_path=checkpoint)
     assert resumed.steps == 4 and resumed.warmup_steps == 1
     assert resumed_trainer.lightning_module.temperature == pytest.approx(3.0)
+
+
+# ---------------------------------------------------------- one owner of τ
+def test_the_module_reads_tau_from_its_schedule_every_step(datamodule, tmp_path):
+    """τ(step) from one schedule object, here any callable of the step: the logged
+    temperature/mean of each step is the schedule's, and nothing else sets it."""
+    module = DistillationModule(
+        student=tiny_causal_lm(seed=2), teacher=tiny_causal_lm(num_layers=2, seed=1), temperature=lambda step: 1.0 + step
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule)
+    rows = csv.DictReader((tmp_path / "metrics.csv").open())
+    logged = {int(row["step"]): float(row["temperature/mean"]) for row in rows if row.get("temperature/mean")}
+    assert logged == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert module.temperature == 4.0  # the schedule at the global step now
+    with pytest.raises(AttributeError):
+        module.temperature = 2.0  # τ has one owner: set the schedule, not the attribute
+
+
+def test_schedule_progress_runs_over_the_fit():
+    schedule = TemperatureSchedule("linear", 1.0, 3.0)
+    assert [schedule(step, 5) for step in range(6)] == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.0])
+    assert TemperatureSchedule("constant", 2.0)(7, 10) == 2.0

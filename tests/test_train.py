@@ -59,7 +59,53 @@ def test_every_config_group_composes(group, option, tmp_path):
 
 def test_divergence_parameters_and_temperature_reach_the_module(tmp_path):
     cfg = compose_config(tmp_path, "divergence=jsd", "divergence.beta=0.3", "temperature=4")
-    assert instantiate(cfg.divergence).beta == 0.3 and cfg.module.temperature == 4
+    assert instantiate(cfg.divergence).beta == 0.3 and instantiate(cfg.module.temperature)(0, 10) == 4
+
+
+def test_the_temperature_schedule_keys_reach_the_module(tmp_path):
+    cfg = compose_config(tmp_path, "temperature=2", "temperature_schedule=cosine", "temperature_end=0.5")
+    schedule = instantiate(cfg.module.temperature)
+    assert (schedule(0, 11), schedule(5, 11), schedule(10, 11)) == pytest.approx((2.0, 1.25, 0.5))
+
+
+def test_overriding_module_temperature_is_refused_naming_the_key(tmp_path):
+    """τ has one place in the config: module.temperature=2 stops with the key to use."""
+    with pytest.raises(ValueError, match="use temperature=<τ>"):
+        fit(compose_config(tmp_path, *TINY, "module.temperature=2"))
+    run = kd_train("module.temperature=2", "trainer.max_steps=2", "model=tiny", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert run.returncode != 0 and "module.temperature: τ has one place in the config, the top-level keys: use temperature=<τ>" in run.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, new_key",
+    [
+        ("selection.latf.min_ratio=0.2", "callbacks.latf.min_ratio"),
+        ("policy.callback.max_new_tokens=8", "callbacks.student_responses.max_new_tokens"),
+        ("policy.callback.temperature=0.7", "callbacks.student_responses.sampling_temperature"),
+        ("callbacks.temperature_schedule.end=2", "temperature"),
+    ],
+)
+def test_moved_keys_are_refused_naming_the_new_one(override, new_key):
+    from kd_lightning.train import refuse_moved_keys
+
+    with pytest.raises(ValueError, match=f"use {new_key}"):
+        refuse_moved_keys(["model=tiny", override])
+
+
+def test_every_callback_comes_from_the_callbacks_group(tmp_path):
+    """Selection, policy and export are entries of one group, instantiated in order."""
+    from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, RandomState, StudentResponses
+    from kd_lightning.export import ExportStudent
+    from kd_lightning.train import instantiate_callbacks
+
+    cfg = compose_config(tmp_path, "selection=adakd", "policy=on_policy", "callbacks.student_responses.sampling_temperature=0.7")
+    assert [type(callback) for callback in instantiate_callbacks(cfg)][1:] == [
+        RandomState, LossAdaptiveTokenFocusing, InverseDifficultyTemperature, StudentResponses
+    ]
+    assert instantiate_callbacks(cfg)[-1].sampling_temperature == 0.7
+    exported = instantiate_callbacks(compose_config(tmp_path, "export.enabled=true"))
+    assert isinstance(exported[-1], ExportStudent) and exported[-1].out_dir == tmp_path / "student"
 
 
 def test_tiny_run_writes_a_checkpoint_without_teacher_and_resumes(tmp_path):

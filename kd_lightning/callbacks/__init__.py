@@ -3,16 +3,13 @@ random states for exact resumes."""
 
 from kd_lightning.callbacks.policy import StudentResponses
 from kd_lightning.callbacks.random_state import RandomState
-from kd_lightning.callbacks.selection import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, TokenPolicy
-from kd_lightning.callbacks.temperature import SCHEDULES, TemperatureSchedule, scheduled_temperature
+from kd_lightning.callbacks.selection import InverseDifficultyTemperature, LossAdaptiveTokenFocusing
+from kd_lightning.tokens import TokenPolicy
 
 __all__ = [
-    "SCHEDULES",
     "InverseDifficultyTemperature",
     "LossAdaptiveTokenFocusing",
     "RandomState",
     "StudentResponses",
-    "TemperatureSchedule",
     "TokenPolicy",
-    "scheduled_temperature",
 ]

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
-from kd_lightning.data.datamodule import IGNORE_INDEX
+from kd_lightning.constants import IGNORE_INDEX
 from kd_lightning.generation import sample_continuations
+from kd_lightning.schedule import total_steps
 
 
 def split_prompts(batch: dict) -> list[Tensor]:
@@ -55,7 +56,7 @@ class StudentResponses(L.Callback):
     same on every process and after a resume) decides the batch's source:
 
     - without a buffer (``buffer_size = 0``): if u < λ the student samples a response for
-      every prompt of the batch (``max_new_tokens``, ``temperature``, ``top_p``; eval mode,
+      every prompt of the batch (``max_new_tokens``, ``sampling_temperature``, ``top_p``; eval mode,
       KV cache, no gradient), which replaces the dataset's response; the prompt is kept
       and stays out of the loss. λ = 0 is offline distillation, λ = 1 fully on-policy.
     - with a replay buffer (DistiLLM): if u < λ·(1 − t/T) (t the step, T the run's
@@ -74,7 +75,7 @@ class StudentResponses(L.Callback):
         self,
         probability: float = 1.0,
         max_new_tokens: int = 128,
-        temperature: float = 1.0,
+        sampling_temperature: float = 1.0,
         top_p: float = 1.0,
         buffer_size: int = 0,
         loss_margin: float | None = None,
@@ -85,18 +86,19 @@ class StudentResponses(L.Callback):
             raise ValueError(f"the on-policy probability lambda must be between 0 and 1, got {probability}")
         if max_new_tokens < 1 or buffer_size < 0:
             raise ValueError(f"max_new_tokens must be ≥ 1 and buffer_size ≥ 0, got {max_new_tokens} and {buffer_size}")
-        self.probability, self.max_new_tokens, self.temperature, self.top_p = probability, max_new_tokens, temperature, top_p
+        self.probability, self.max_new_tokens, self.top_p = probability, max_new_tokens, top_p
+        self.sampling_temperature = sampling_temperature  # the student's sampling, not the distillation τ
         self.buffer_size, self.loss_margin, self.increase, self.seed = buffer_size, loss_margin, increase, seed
         self.buffer: list[tuple[Tensor, Tensor]] = []  # (prompt, response) pairs on the CPU
         self.reference_val_loss: float | None = None
 
-    def source(self, step: int, total_steps: int) -> tuple[str, torch.Generator]:
+    def source(self, step: int, run_steps: int) -> tuple[str, torch.Generator]:
         """``"generate"``, ``"replay"`` or ``"dataset"`` for this step, and the step's generator."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draw = float(torch.rand((), generator=generator))
         if not self.buffer_size:
             return ("generate" if draw < self.probability else "dataset"), generator
-        fresh = self.probability * (1 - step / max(total_steps, 1))
+        fresh = self.probability * (1 - step / max(run_steps, 1))
         if draw < fresh or (draw < self.probability and len(self.buffer) < self.buffer_size):
             return "generate", generator
         if draw < self.probability and self.buffer:
@@ -104,15 +106,14 @@ class StudentResponses(L.Callback):
         return "dataset", generator
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
-        total_steps = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
-        source, generator = self.source(trainer.global_step, total_steps)
+        source, generator = self.source(trainer.global_step, total_steps(trainer))
         if source == "generate":
             prompts = split_prompts(batch)
             tokenizer = trainer.datamodule.tokenizer
             started = time.perf_counter()
             responses = sample_continuations(
                 pl_module.student, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, self.max_new_tokens,
-                temperature=self.temperature, top_p=self.top_p, synced_gpus=isinstance(pl_module.student, FSDPModule),
+                temperature=self.sampling_temperature, top_p=self.top_p, synced_gpus=isinstance(pl_module.student, FSDPModule),
             )
             generated = sum(len(response) for response in responses)
             pl_module.log("policy/gen_tokens_per_s", generated / (time.perf_counter() - started))

@@ -1,8 +1,8 @@
 """Token selection and per-token temperature (SPEC §3): LATF, IDTS and AdaKD = both.
 
-Each policy is a Lightning callback that registers itself in the module's
-``token_policies``; the module calls it with a ``TokenBatch`` of the counted tokens of
-each training batch, before the loss. Under several processes both policies decide on
+Each policy is a Lightning callback (``tokens.TokenPolicy``) that the module finds among
+the trainer's callbacks and calls with a ``TokenBatch`` of the counted tokens of each
+training batch, before the loss. Under several processes both policies decide on
 the global batch: the difficulties of all ranks are gathered, so the kept set and the
 median are those of the whole batch, identical on every rank.
 """
@@ -14,37 +14,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
 
-from kd_lightning.module import DistillationModule, TokenBatch
-
-
-class TokenPolicy(L.Callback):
-    """Registers itself with the module at setup; ``__call__`` edits a ``TokenBatch``."""
-
-    trainer: L.Trainer | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, DistillationModule):
-            raise TypeError(f"{type(self).__name__} works with a DistillationModule, not {type(pl_module).__name__}")
-        self.trainer = trainer
-        if self not in pl_module.token_policies:
-            pl_module.token_policies.append(self)
-
-    def global_values(self, values: Tensor) -> Tensor:
-        """``values`` of every process, concatenated (the values themselves on one process)."""
-        if self.trainer is None or self.trainer.world_size == 1:
-            return values
-        strategy = self.trainer.strategy
-        size = torch.tensor(len(values), device=values.device)
-        sizes = strategy.all_gather(size).reshape(-1)
-        padded = torch.full((int(sizes.max()),), torch.nan, device=values.device, dtype=values.dtype)
-        padded[: len(values)] = values
-        gathered = strategy.all_gather(padded).reshape(len(sizes), -1)
-        return torch.cat([row[: int(count)] for row, count in zip(gathered, sizes)])
-
-    def __call__(self, tokens: TokenBatch) -> None:
-        raise NotImplementedError
+from kd_lightning.schedule import total_steps
+from kd_lightning.tokens import TokenBatch, TokenPolicy
 
 
 class LossAdaptiveTokenFocusing(TokenPolicy):
@@ -78,7 +50,7 @@ class LossAdaptiveTokenFocusing(TokenPolicy):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.warmup_steps is None:
-            self.warmup_steps = math.ceil(self.warmup_fraction * trainer.estimated_stepping_batches)
+            self.warmup_steps = math.ceil(self.warmup_fraction * total_steps(trainer))
 
     def __call__(self, tokens: TokenBatch) -> None:
         if self.ratio >= 1:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from kd_lightning.constants import IGNORE_INDEX, PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 from kd_lightning.models import cached_snapshot
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,6 @@ SHIPPED = {
     "self-inst": FILES / "self-inst" / "test.jsonl.gz",
     "vicuna": FILES / "vicuna" / "test.jsonl.gz",
 }
-
-PLAIN_TEMPLATE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PLAIN_TEMPLATE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-IGNORE_INDEX = -100
 
 
 def counted_positions(labels: Tensor) -> Tensor:

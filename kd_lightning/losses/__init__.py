@@ -43,6 +43,15 @@ def get(name: str, **params) -> Divergence:
     return cls(**params)
 
 
+def resolve(divergence: str | Divergence, params: dict | None = None) -> Divergence:
+    """``divergence`` itself, or the one ``get`` builds from its name and ``params``."""
+    if isinstance(divergence, str):
+        return get(divergence, **(params or {}))
+    if params:
+        raise ValueError("divergence_kwargs go with a divergence name, not a Divergence instance")
+    return divergence
+
+
 __all__ = [
     "AdaptiveKL",
     "AlphaBeta",
@@ -58,4 +67,5 @@ __all__ = [
     "fused_linear_divergence",
     "get",
     "hellinger",
+    "resolve",
 ]

@@ -60,13 +60,14 @@ def tempered_log_probs(logits: Tensor, temperature: float | Tensor, dtype: torch
     return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
 
 
-def kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+def kl(log_a: Tensor, log_b: Tensor, a: Tensor | None = None) -> Tensor:
     """``KL(a ‖ b) = Σ a (log a − log b)`` over the last dim; entries with a = 0 add 0.
+    ``a = exp(log_a)`` when already at hand.
 
     The ``where`` sits before the product so that masked entries (``log a = −inf``)
     give neither NaN values nor NaN gradients.
     """
-    a = log_a.exp()
+    a = log_a.exp() if a is None else a
     return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
 
 
@@ -104,8 +105,12 @@ class Divergence(nn.Module):
     ``forward(student_logits, teacher_logits, temperature)`` takes logits ``[..., V]`` of
     any float dtype and a temperature that is a float or a tensor broadcastable to
     ``logits.shape[:-1]``, and returns D per token with shape ``logits.shape[:-1]``,
-    differentiable with respect to ``student_logits``. Subclasses implement
-    ``token_divergence(student_log_probs, teacher_log_probs)``.
+    differentiable with respect to ``student_logits``.
+
+    A subclass states its formula once, on the tempered log-probabilities ``log q`` and
+    ``log p``: ``terms(log q, log p)`` computes what value and gradient share, ``value``
+    gives D per token from them and ``gradient`` gives ``∂D/∂(z/τ)`` (without autograd:
+    the fused path uses it; divide by τ for ``∂D/∂z``).
     """
 
     name: str = ""
@@ -117,30 +122,36 @@ class Divergence(nn.Module):
         check_vocabularies(student_logits, teacher_logits)
         check_temperature(temperature)
         dtype = compute_dtype(student_logits, teacher_logits)
-        return self.nonnegative(
-            self.token_divergence(
-                tempered_log_probs(student_logits, temperature, dtype),
-                tempered_log_probs(teacher_logits, temperature, dtype),
-            )
+        return self.values(
+            tempered_log_probs(student_logits, temperature, dtype), tempered_log_probs(teacher_logits, temperature, dtype)
         )
+
+    def values(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        """D per token from the tempered log-probabilities, clamped at 0 where rounding
+        could make it negative."""
+        return self.nonnegative(self.value(*self.terms(student_log_probs, teacher_log_probs)))
+
+    def values_and_logit_gradients(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """D per token (as ``values``) and ``∂D/∂(z/τ)``, from one set of terms."""
+        terms = self.terms(student_log_probs, teacher_log_probs)
+        return self.nonnegative(self.value(*terms)), self.gradient(*terms)
 
     def nonnegative(self, values: Tensor) -> Tensor:
         """``values`` clamped at 0 where rounding could make a divergence negative."""
         return values.clamp_min(0) if self.clamp_at_zero else values
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple:
+        """What ``value`` and ``gradient`` share, computed once (by default the two
+        log-probabilities themselves)."""
+        return student_log_probs, teacher_log_probs
+
+    def value(self, *terms: Tensor) -> Tensor:
+        """D per token, ``[...]``, from ``terms``."""
         raise NotImplementedError
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``∂D/∂(z/τ)`` per token, ``[..., V]``, without autograd (the fused path uses it;
-        divide by τ for ``∂D/∂z``)."""
+    def gradient(self, *terms: Tensor) -> Tensor:
+        """``∂D/∂(z/τ)`` per token, ``[..., V]``, from ``terms``."""
         raise NotImplementedError
-
-    def value_and_logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
-        """D (clamped like ``forward``) and ``∂D/∂(z/τ)`` together; divergences whose two
-        share costly terms override it."""
-        values = self.nonnegative(self.token_divergence(student_log_probs, teacher_log_probs))
-        return values, self.logit_gradient(student_log_probs, teacher_log_probs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.hparams().items())

@@ -12,13 +12,6 @@ from kd_lightning.losses.base import Divergence
 WEIGHTINGS = ("ss", "us", "ts", "mix")
 
 
-def weighted_moments(weights: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``E_w[v]`` and variance ``E_w[(v − E_w[v])²]`` over the last dim."""
-    mean = (weights * values).sum(-1, keepdim=True)
-    variance = (weights * (values - mean).square()).sum(-1)
-    return mean.squeeze(-1), variance
-
-
 class ConcreteScore(Divergence):
     """Concrete Score Distillation (CSD).
 
@@ -58,32 +51,39 @@ class ConcreteScore(Divergence):
             raise ValueError(f"csd mix must be a number with 0 <= mix <= 1, got {mix!r}")
         self.weighting, self.mix = weighting, float(mix)
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        (first_weights, second_weights), delta, infinite = self.centred_terms(student_log_probs, teacher_log_probs)
-        first_mean, first_variance = weighted_moments(first_weights, delta)
-        second_mean, second_variance = weighted_moments(second_weights, delta)
-        divergence = 0.25 * (first_variance + second_variance + (first_mean - second_mean).square())
-        return divergence.masked_fill(infinite, torch.inf)
-
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``½ (w1 ⊙ (Δ − E_w2[Δ]) + w2 ⊙ (Δ − E_w1[Δ]))``; it sums to 0 over the vocabulary."""
-        (first_weights, second_weights), delta, _ = self.centred_terms(student_log_probs, teacher_log_probs)
-        first_mean = (first_weights * delta).sum(-1, keepdim=True)
-        second_mean = (second_weights * delta).sum(-1, keepdim=True)
-        return 0.5 * (first_weights * (delta - second_mean) + second_weights * (delta - first_mean))
-
-    def centred_terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
-        """The weightings, ``Δ = log q − log p`` (a per-token shift of (z − t)/τ) with
-        non-finite entries zeroed, and which tokens have D = +inf.
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, ...]:
+        """w1, w2, ``Δ = log q − log p`` (a per-token shift of (z − t)/τ) with non-finite
+        entries zeroed, the means ``E_w1[Δ]`` and ``E_w2[Δ]`` (``[..., 1]``), and which
+        tokens have D = +inf.
 
         A logit masked on one side makes Δ infinite: D = +inf if that entry has weight,
         and the entry adds nothing otherwise (masked on both sides, Δ is NaN).
         """
-        weights = self.weights(student_log_probs, teacher_log_probs)
+        first_weights, second_weights = self.weights(student_log_probs, teacher_log_probs)
         delta = student_log_probs - teacher_log_probs
         finite = delta.isfinite()
-        infinite = (~finite & ((weights[0] > 0) | (weights[1] > 0))).any(-1)
-        return weights, torch.where(finite, delta, torch.zeros_like(delta)), infinite
+        infinite = (~finite & ((first_weights > 0) | (second_weights > 0))).any(-1)
+        delta = torch.where(finite, delta, torch.zeros_like(delta))
+        first_mean = (first_weights * delta).sum(-1, keepdim=True)
+        second_mean = (second_weights * delta).sum(-1, keepdim=True)
+        return first_weights, second_weights, delta, first_mean, second_mean, infinite
+
+    def value(
+        self, first_weights: Tensor, second_weights: Tensor, delta: Tensor, first_mean: Tensor, second_mean: Tensor,
+        infinite: Tensor,
+    ) -> Tensor:
+        """``¼ (Var_w1[Δ] + Var_w2[Δ] + (E_w1[Δ] − E_w2[Δ])²)``."""
+        first_variance = (first_weights * (delta - first_mean).square()).sum(-1)
+        second_variance = (second_weights * (delta - second_mean).square()).sum(-1)
+        divergence = 0.25 * (first_variance + second_variance + (first_mean - second_mean).squeeze(-1).square())
+        return divergence.masked_fill(infinite, torch.inf)
+
+    def gradient(
+        self, first_weights: Tensor, second_weights: Tensor, delta: Tensor, first_mean: Tensor, second_mean: Tensor,
+        infinite: Tensor,
+    ) -> Tensor:
+        """``½ (w1 ⊙ (Δ − E_w2[Δ]) + w2 ⊙ (Δ − E_w1[Δ]))``; it sums to 0 over the vocabulary."""
+        return 0.5 * (first_weights * (delta - second_mean) + second_weights * (delta - first_mean))
 
     @torch.no_grad()
     def weights(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:

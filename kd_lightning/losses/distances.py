@@ -11,18 +11,21 @@ from kd_lightning.losses.base import Divergence, softmax_gradient
 
 
 class TotalVariation(Divergence):
-    """Total variation distance: ``D = ½ Σ |p − q|`` (between 0 and 1)."""
+    """Total variation distance: ``D = ½ Σ |p − q|`` (between 0 and 1);
+    ``∂D/∂(z/τ) = q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = ½ sign(q − p)``."""
 
     name = "tvd"
     clamp_at_zero = False  # a sum of non-negative terms
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
-
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = ½ sign(q − p)``."""
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
         student_probs = student_log_probs.exp()
-        return softmax_gradient(student_probs, 0.5 * torch.sign(student_probs - teacher_log_probs.exp()))
+        return student_probs, student_probs - teacher_log_probs.exp()
+
+    def value(self, student_probs: Tensor, gap: Tensor) -> Tensor:
+        return 0.5 * gap.abs().sum(-1)
+
+    def gradient(self, student_probs: Tensor, gap: Tensor) -> Tensor:
+        return softmax_gradient(student_probs, 0.5 * torch.sign(gap))
 
 
 class AlphaBeta(Divergence):
@@ -44,20 +47,22 @@ class AlphaBeta(Divergence):
                 raise ValueError(f"abkd needs {key} > 0 (powers of zero probabilities must stay finite), got {value!r}")
         self.alpha, self.beta = float(alpha), float(beta)
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """log q, log p, ``p^α q^β`` and ``q^(α+β)``."""
+        cross = torch.exp(self.alpha * teacher_log_probs + self.beta * student_log_probs)
+        student_power = torch.exp((self.alpha + self.beta) * student_log_probs)
+        return student_log_probs, teacher_log_probs, cross, student_power
+
+    def value(self, student_log_probs: Tensor, teacher_log_probs: Tensor, cross: Tensor, student_power: Tensor) -> Tensor:
         alpha, beta = self.alpha, self.beta
         total = alpha + beta
-        cross = torch.exp(alpha * teacher_log_probs + beta * student_log_probs)
         teacher_power = torch.exp(total * teacher_log_probs)
-        student_power = torch.exp(total * student_log_probs)
         bracket = cross - alpha / total * teacher_power - beta / total * student_power
         return -bracket.sum(-1) / (alpha * beta)
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    def gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor, cross: Tensor, student_power: Tensor) -> Tensor:
         """``b − q Σ b`` with ``b = q ⊙ ∂D/∂q = −(p^α q^β − q^(α+β)) / α``."""
-        alpha, beta = self.alpha, self.beta
-        cross = torch.exp(alpha * teacher_log_probs + beta * student_log_probs)
-        weighted = -(cross - torch.exp((alpha + beta) * student_log_probs)) / alpha
+        weighted = -(cross - student_power) / self.alpha
         return weighted - student_log_probs.exp() * weighted.sum(-1, keepdim=True)
 
     def hparams(self) -> dict:

@@ -1,21 +1,55 @@
 """lm_head and divergence fused, chunk by chunk over tokens: never the full logits.
 
 For each chunk of tokens the student's and the teacher's logits are computed, then the
-divergence and its analytic gradient in logit space (``Divergence.logit_gradient``, plus
+divergence and its analytic gradient in logit space (``Divergence.values_and_logit_gradients``, plus
 the cross-entropy's ``softmax(z) − onehot(label)`` when it is weighted in), and
 that gradient goes straight through the student's lm_head into float32 accumulators
 for the hidden states and the weight. The chunk's logits are then dropped: memory holds
-one chunk of logits, whatever the number of tokens.
+one chunk of logits, whatever the number of tokens. One chunk iterator (``chunks``)
+serves the gradient pass and the statistics pass (``token_statistics``).
+
+The result equals the unfused computation within float32 tolerance; bf16 weights run
+their matmuls in bf16 and everything else in float32 (float64 for float64 weights).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger
+
+
+def chunks(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    visited: Tensor,
+    chunk_size: int,
+    inverse_temperature: Tensor | None = None,
+    temper_student: bool = True,
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The one chunk loop of the fused path: for each ``chunk_size`` of the ``visited``
+    tokens (``[N]`` bool), their indices, the student's hidden states and both models'
+    logits ``[n, V]``.
+
+    With ``inverse_temperature`` (``[N]``, 1/τ) the logits are tempered as
+    ``z/τ = (h/τ) Wᵀ``: the temperature costs no pass over the vocabulary; with
+    ``temper_student=False`` the student's stay untempered (z, for the cross-entropy).
+    """
+    for rows in visited.nonzero().squeeze(-1).split(chunk_size):
+        hidden = student_rows = student_hidden[rows]
+        teacher_rows = teacher_hidden[rows]
+        if inverse_temperature is not None:
+            inverse_tau = inverse_temperature[rows].unsqueeze(-1)
+            teacher_rows = teacher_rows * inverse_tau.to(teacher_rows.dtype)
+            if temper_student:
+                student_rows = hidden * inverse_tau.to(hidden.dtype)
+        yield rows, hidden, student_rows @ student_weight.T, teacher_rows @ teacher_weight.T
 
 
 def chunked_pass(
@@ -39,43 +73,54 @@ def chunked_pass(
     ce weight are both 0 are skipped entirely: their D and cross-entropy are 0.
     ``matmul_dtype`` runs the four matmuls in that dtype (copies of the weights, once per
     pass), everything else in the weights' compute dtype."""
-    step = compiled_chunk_step(divergence) if compile else functools.partial(chunk_step, divergence)
-    ce_step = compiled_cross_entropy_step() if compile else cross_entropy_step
+    step, ce_step = chunk_steps(divergence, compile)
     dtype = compute_dtype(student_weight, teacher_weight)
     if matmul_dtype is not None:
-        student_hidden, student_weight = student_hidden.to(matmul_dtype), student_weight.to(matmul_dtype)
-        teacher_hidden, teacher_weight = teacher_hidden.to(matmul_dtype), teacher_weight.to(matmul_dtype)
+        inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+        student_hidden, student_weight, teacher_hidden, teacher_weight = (tensor.to(matmul_dtype) for tensor in inputs)
     values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
     cross_entropy = torch.zeros_like(values)
     hidden_grad = torch.zeros_like(student_hidden, dtype=dtype) if with_gradients else None
     weight_grad = torch.zeros_like(student_weight, dtype=dtype) if with_gradients else None
     visited = weights != 0 if ce_weights is None else (weights != 0) | (ce_weights != 0)
-    for rows in visited.nonzero().squeeze(-1).split(chunk_size):
-        hidden, tau = student_hidden[rows], temperature[rows]
-        inverse_tau = (1 / tau).unsqueeze(-1)
+    inverse_temperature = 1 / temperature
+    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight, visited, chunk_size, inverse_temperature)
+    for rows, hidden, student_logits, teacher_logits in chunks(*inputs, temper_student=labels is None):
         ce_grad = None
-        if labels is None:  # z/τ = (h/τ) W^T: the temperature costs no pass over the vocabulary
-            student_logits = (hidden * inverse_tau.to(hidden.dtype)) @ student_weight.T
-        else:
-            student_logits = (hidden @ student_weight.T).to(dtype)
+        if labels is not None:  # the cross-entropy at τ = 1 first, then z/τ
+            student_logits = student_logits.to(dtype)
             ce_scale = ce_weights[rows] if with_gradients and ce_weights is not None else None
             cross_entropy[rows], ce_grad = ce_step(student_logits, labels[rows], ce_scale)
-            student_logits = student_logits * inverse_tau
-        teacher_logits = (teacher_hidden[rows] * inverse_tau.to(teacher_hidden.dtype)) @ teacher_weight.T
-        gradient_scale = weights[rows] / tau if with_gradients else None
+            student_logits = student_logits * inverse_temperature[rows].unsqueeze(-1)
+        gradient_scale = weights[rows] / temperature[rows] if with_gradients else None
         values[rows], logit_grad = step(student_logits.to(dtype), teacher_logits.to(dtype), gradient_scale)
         del student_logits, teacher_logits
         if with_gradients:
             if ce_grad is not None:  # the cross-entropy's logit gradient joins in the same chunk
                 logit_grad += ce_grad
                 del ce_grad
-            logit_grad = logit_grad.to(student_weight.dtype)
-            hidden_grad[rows] = (logit_grad @ student_weight).to(dtype)
-            if weight_grad.dtype == logit_grad.dtype:  # accumulate in place: no V×H temporary per chunk
-                weight_grad.addmm_(logit_grad.T, hidden)
-            else:
-                weight_grad += (logit_grad.T @ hidden).to(dtype)
+            accumulate_gradients(logit_grad.to(student_weight.dtype), rows, hidden, student_weight, hidden_grad, weight_grad)
     return values, cross_entropy, hidden_grad, weight_grad
+
+
+def accumulate_gradients(
+    logit_grad: Tensor, rows: Tensor, hidden: Tensor, student_weight: Tensor, hidden_grad: Tensor, weight_grad: Tensor
+) -> None:
+    """Through the student's lm_head ``z = h Wᵀ``: ``∂/∂h = g W`` into ``hidden_grad[rows]``
+    and ``∂/∂W += gᵀ h`` into ``weight_grad``, for one chunk's logit gradient g."""
+    hidden_grad[rows] = (logit_grad @ student_weight).to(hidden_grad.dtype)
+    if weight_grad.dtype == logit_grad.dtype:  # accumulate in place: no V×H temporary per chunk
+        weight_grad.addmm_(logit_grad.T, hidden)
+    else:
+        weight_grad += (logit_grad.T @ hidden).to(weight_grad.dtype)
+
+
+def chunk_steps(divergence: Divergence, compile: bool) -> tuple[Callable, Callable]:
+    """The elementwise work of a chunk: ``chunk_step`` for ``divergence`` and
+    ``cross_entropy_step``, compiled by torch.compile if ``compile``."""
+    if compile:
+        return compiled_chunk_step(divergence), compiled_cross_entropy_step()
+    return functools.partial(chunk_step, divergence), cross_entropy_step
 
 
 def chunk_step(
@@ -86,8 +131,8 @@ def chunk_step(
     student_log_probs = torch.log_softmax(student_logits, -1)
     teacher_log_probs = torch.log_softmax(teacher_logits, -1)
     if gradient_scale is None:
-        return divergence.nonnegative(divergence.token_divergence(student_log_probs, teacher_log_probs)), None
-    values, gradient = divergence.value_and_logit_gradient(student_log_probs, teacher_log_probs)
+        return divergence.values(student_log_probs, teacher_log_probs), None
+    values, gradient = divergence.values_and_logit_gradients(student_log_probs, teacher_log_probs)
     return values, gradient * gradient_scale.unsqueeze(-1)
 
 
@@ -136,9 +181,11 @@ def token_statistics(
     between teacher and student (a token's difficulty) and the student's cross-entropy."""
     difficulty = torch.zeros(len(student_hidden), device=student_hidden.device)
     cross_entropy = torch.zeros_like(difficulty)
-    for rows in torch.arange(len(student_hidden), device=student_hidden.device).split(chunk_size):
-        student_logits = student_hidden[rows] @ student_weight.T
-        difficulty[rows] = hellinger(student_logits, teacher_hidden[rows] @ teacher_weight.T).float()
+    every_token = torch.ones(len(student_hidden), dtype=torch.bool, device=student_hidden.device)
+    for rows, _, student_logits, teacher_logits in chunks(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, every_token, chunk_size
+    ):
+        difficulty[rows] = hellinger(student_logits, teacher_logits).float()
         cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows]).float()
     return difficulty, cross_entropy
 
@@ -197,6 +244,34 @@ class _FusedLinearDivergence(torch.autograd.Function):
         )
 
 
+def check_fused_inputs(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    temperature: float | Tensor,
+    chunk_size: int,
+    labels: Tensor | None,
+    ce_weights: Tensor | None,
+) -> None:
+    """Raise ``ValueError`` naming the first input of ``fused_linear_divergence`` that does not fit."""
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"vocabulary sizes differ: the student lm_head has {vocab} rows, the teacher's "
+            f"{teacher_weight.shape[0]}; slice both to the shared tokenizer size"
+        )
+    if len(teacher_hidden) != len(student_hidden):
+        raise ValueError(
+            f"student and teacher hidden states must cover the same tokens: {len(student_hidden)} vs {len(teacher_hidden)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if ce_weights is not None and labels is None:
+        raise ValueError("ce_weights weigh the cross-entropy on labels: pass labels too")
+    check_temperature(temperature)
+
+
 def fused_linear_divergence(
     divergence: Divergence,
     student_hidden: Tensor,
@@ -216,16 +291,14 @@ def fused_linear_divergence(
 
     Args:
         student_hidden: ``[N, Hs]``; student_weight: ``[V, Hs]`` (the lm_head weight);
-        teacher_hidden: ``[N, Ht]``; teacher_weight: ``[V, Ht]`` (no gradient).
-        temperature: a float or ``[N]``.
+        teacher_hidden: ``[N, Ht]``; teacher_weight: ``[V, Ht]`` (no gradient); temperature: a float or ``[N]``.
         weights: ``[N]``, optional: the weights the caller will apply to D (e.g. τ²) —
             the gradients are then ready after the forward pass. Tokens of zero weight
             (and zero ce weight) are skipped entirely (D = 0, no gradient).
         labels: ``[N]``, optional: then the student's cross-entropy on them at τ = 1 comes
             back too, as ``(D, cross_entropy)``, from the same pass (without gradient
             unless ``ce_weights`` is given).
-        compile: run each chunk's passes over the vocabulary through ``torch.compile``,
-            which fuses them (several times faster on CPU; the first call compiles).
+        compile: fuse each chunk's passes over the vocabulary with ``torch.compile`` (faster; the first call compiles).
         ce_weights: ``[N]``, optional, with ``labels``: the weights the caller will apply
             to the cross-entropy, which is then differentiable; its logit gradient
             ``softmax(z) − onehot(label)`` joins the divergence's in the same chunk, so
@@ -235,25 +308,10 @@ def fused_linear_divergence(
             dtype (fast on CPUs with bf16 matrix units and on GPUs), with float32
             accumulators and float32 elementwise work; gradients keep the inputs' dtypes.
 
-    Differentiable with respect to ``student_hidden`` and ``student_weight``; equal to the
-    unfused computation within float32 tolerance, never holding more than
-    ``chunk_size × V`` logits of each model. bf16 weights run their matmuls in bf16 and
-    everything else in float32 (float64 for float64 weights).
+    Differentiable with respect to ``student_hidden`` and ``student_weight`` (see above).
     """
-    tokens, vocab = len(student_hidden), student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
-        raise ValueError(
-            f"vocabulary sizes differ: the student lm_head has {vocab} rows, the teacher's "
-            f"{teacher_weight.shape[0]}; slice both to the shared tokenizer size"
-        )
-    if len(teacher_hidden) != tokens:
-        raise ValueError(f"student and teacher hidden states must cover the same tokens: {tokens} vs {len(teacher_hidden)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if ce_weights is not None and labels is None:
-        raise ValueError("ce_weights weigh the cross-entropy on labels: pass labels too")
-    check_temperature(temperature)
-    device = student_hidden.device
+    check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, chunk_size, labels, ce_weights)
+    tokens, device = len(student_hidden), student_hidden.device
     dtype = compute_dtype(student_weight, teacher_weight)
     temperature = torch.as_tensor(temperature, dtype=dtype, device=device).expand(tokens).contiguous()
     weights = torch.ones(tokens, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)

@@ -12,29 +12,37 @@ from kd_lightning.losses.base import Divergence, check_open_unit, kl, log_mixtur
 
 
 class ForwardKL(Divergence):
-    """Forward KL, mass-covering: ``D = KL(p ‖ q) = Σ p (log p − log q)``."""
+    """Forward KL, mass-covering: ``D = KL(p ‖ q) = Σ p (log p − log q)``;
+    ``∂D/∂(z/τ) = q − p``."""
 
     name = "fkl"
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return kl(teacher_log_probs, student_log_probs)
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return student_log_probs, teacher_log_probs, teacher_log_probs.exp()
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q − p``."""
-        return student_log_probs.exp() - teacher_log_probs.exp()
+    def value(self, student_log_probs: Tensor, teacher_log_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+        return kl(teacher_log_probs, student_log_probs, teacher_probs)
+
+    def gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+        return student_log_probs.exp() - teacher_probs
 
 
 class ReverseKL(Divergence):
-    """Reverse KL, mode-seeking: ``D = KL(q ‖ p) = Σ q (log q − log p)``."""
+    """Reverse KL, mode-seeking: ``D = KL(q ‖ p) = Σ q r`` with ``r = log q − log p``;
+    ``∂D/∂(z/τ) = q ⊙ (r − E_q[r]) = q ⊙ (r − D)``."""
 
     name = "rkl"
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return kl(student_log_probs, teacher_log_probs)
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        student_probs = student_log_probs.exp()
+        # r where q > 0: masked entries (log q = −inf) give neither NaN values nor NaN gradients
+        return student_probs, torch.where(student_probs > 0, student_log_probs - teacher_log_probs, 0.0)
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q ⊙ (r − E_q[r])`` with ``r = log q − log p``."""
-        return softmax_gradient(student_log_probs.exp(), student_log_probs - teacher_log_probs)
+    def value(self, student_probs: Tensor, log_ratio: Tensor) -> Tensor:
+        return (student_probs * log_ratio).sum(-1)
+
+    def gradient(self, student_probs: Tensor, log_ratio: Tensor) -> Tensor:
+        return softmax_gradient(student_probs, log_ratio)
 
 
 class JensenShannon(Divergence):
@@ -42,6 +50,7 @@ class JensenShannon(Divergence):
 
     ``m = β p + (1 − β) q``;  ``D = β KL(p ‖ m) + (1 − β) KL(q ‖ m)``, with 0 < β < 1.
     Symmetric in p and q at β = ½, bounded by the entropy of (β, 1 − β).
+    ``∂D/∂(z/τ) = q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = (1 − β)(log q − log m)``.
     """
 
     name = "jsd"
@@ -50,21 +59,23 @@ class JensenShannon(Divergence):
         super().__init__()
         self.beta = check_open_unit("beta", beta)
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        log_m = log_mixture(teacher_log_probs, student_log_probs, self.beta)
-        return self.beta * kl(teacher_log_probs, log_m) + (1 - self.beta) * kl(student_log_probs, log_m)
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        log_mix = log_mixture(teacher_log_probs, student_log_probs, self.beta)
+        return student_log_probs, teacher_log_probs, student_log_probs.exp(), log_mix
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = (1 − β)(log q − log m)``."""
-        log_m = log_mixture(teacher_log_probs, student_log_probs, self.beta)
-        return softmax_gradient(student_log_probs.exp(), (1 - self.beta) * (student_log_probs - log_m))
+    def value(self, student_log_probs: Tensor, teacher_log_probs: Tensor, student_probs: Tensor, log_mix: Tensor) -> Tensor:
+        return self.beta * kl(teacher_log_probs, log_mix) + (1 - self.beta) * kl(student_log_probs, log_mix, student_probs)
+
+    def gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor, student_probs: Tensor, log_mix: Tensor) -> Tensor:
+        return softmax_gradient(student_probs, (1 - self.beta) * (student_log_probs - log_mix))
 
     def hparams(self) -> dict:
         return {"beta": self.beta}
 
 
 class SkewKL(Divergence):
-    """Skew forward KL (DistiLLM): ``D = KL(p ‖ α p + (1 − α) q)``, with 0 < α < 1."""
+    """Skew forward KL (DistiLLM): ``D = KL(p ‖ m)`` with ``m = α p + (1 − α) q``, 0 < α < 1;
+    ``∂D/∂(z/τ) = q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = −(1 − α) p / m``."""
 
     name = "skl"
 
@@ -72,30 +83,35 @@ class SkewKL(Divergence):
         super().__init__()
         self.alpha = check_open_unit("alpha", alpha)
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return kl(teacher_log_probs, log_mixture(teacher_log_probs, student_log_probs, self.alpha))
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return student_log_probs, teacher_log_probs, log_mixture(teacher_log_probs, student_log_probs, self.alpha)
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = −(1 − α) p / m``."""
-        log_m = log_mixture(teacher_log_probs, student_log_probs, self.alpha)
-        return softmax_gradient(student_log_probs.exp(), -(1 - self.alpha) * (teacher_log_probs - log_m).exp())
+    def value(self, student_log_probs: Tensor, teacher_log_probs: Tensor, log_mix: Tensor) -> Tensor:
+        return kl(teacher_log_probs, log_mix)
+
+    def gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor, log_mix: Tensor) -> Tensor:
+        return softmax_gradient(student_log_probs.exp(), -(1 - self.alpha) * (teacher_log_probs - log_mix).exp())
 
     def hparams(self) -> dict:
         return {"alpha": self.alpha}
 
 
 class SkewReverseKL(SkewKL):
-    """Skew reverse KL (DistiLLM): ``D = KL(q ‖ (1 − α) p + α q)``, with 0 < α < 1."""
+    """Skew reverse KL (DistiLLM): ``D = KL(q ‖ m)`` with ``m = (1 − α) p + α q``, 0 < α < 1;
+    ``∂D/∂(z/τ) = q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = log q − log m − α q / m``."""
 
     name = "srkl"
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return kl(student_log_probs, log_mixture(teacher_log_probs, student_log_probs, 1 - self.alpha))
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        log_mix = log_mixture(teacher_log_probs, student_log_probs, 1 - self.alpha)
+        return student_log_probs, student_log_probs.exp(), log_mix
 
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        """``q ⊙ (a − E_q[a])`` with ``∂D/∂q = a = log q − log m − α q / m``."""
-        log_ratio = student_log_probs - log_mixture(teacher_log_probs, student_log_probs, 1 - self.alpha)
-        return softmax_gradient(student_log_probs.exp(), log_ratio - self.alpha * log_ratio.exp())
+    def value(self, student_log_probs: Tensor, student_probs: Tensor, log_mix: Tensor) -> Tensor:
+        return kl(student_log_probs, log_mix, student_probs)
+
+    def gradient(self, student_log_probs: Tensor, student_probs: Tensor, log_mix: Tensor) -> Tensor:
+        log_ratio = student_log_probs - log_mix
+        return softmax_gradient(student_probs, log_ratio - self.alpha * log_ratio.exp())
 
 
 class AdaptiveKL(Divergence):
@@ -105,6 +121,8 @@ class AdaptiveKL(Divergence):
     cumulative p mass is ≥ μ. ``g = Σ_{x∈H} |p_x − q_x| / Σ_x |p_x − q_x|``, computed
     without gradient (g = ½ when the denominator is 0): the forward KL weighs the gap
     on the teacher's head, the reverse KL the gap on its tail. 0 < μ < 1.
+    With g held constant, ``∂D/∂(z/τ) = g · (q − p) + (1 − g) · q ⊙ (r − KL(q ‖ p))``,
+    ``r = log q − log p``.
     """
 
     name = "akl"
@@ -113,29 +131,30 @@ class AdaptiveKL(Divergence):
         super().__init__()
         self.mu = check_open_unit("mu", mu)
 
-    def token_divergence(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        head_weight = self.head_weight(student_log_probs, teacher_log_probs)
-        forward = kl(teacher_log_probs, student_log_probs)
-        reverse = kl(student_log_probs, teacher_log_probs)
-        return head_weight * forward + (1 - head_weight) * reverse
-
-    def logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
-        return self.value_and_logit_gradient(student_log_probs, teacher_log_probs)[1]
-
-    def value_and_logit_gradient(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
-        """D and ``g · (q − p) + (1 − g) · q ⊙ (r − E_q[r])``, g computed once and held constant."""
+    def terms(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, ...]:
+        """g, p, q, r where q > 0, and the two KLs (each entry with zero weight adds 0)."""
         head_weight = self.head_weight(student_log_probs, teacher_log_probs)
         student_probs, teacher_probs = student_log_probs.exp(), teacher_log_probs.exp()
         log_ratio = student_log_probs - teacher_log_probs
         forward = (teacher_probs * torch.where(teacher_probs > 0, -log_ratio, 0.0)).sum(-1)
         reverse_terms = torch.where(student_probs > 0, log_ratio, 0.0)
         reverse = (student_probs * reverse_terms).sum(-1)
-        values = self.nonnegative(head_weight * forward + (1 - head_weight) * reverse)
+        return head_weight, teacher_probs, student_probs, reverse_terms, forward, reverse
+
+    def value(
+        self, head_weight: Tensor, teacher_probs: Tensor, student_probs: Tensor, reverse_terms: Tensor, forward: Tensor,
+        reverse: Tensor,
+    ) -> Tensor:
+        return head_weight * forward + (1 - head_weight) * reverse
+
+    def gradient(
+        self, head_weight: Tensor, teacher_probs: Tensor, student_probs: Tensor, reverse_terms: Tensor, forward: Tensor,
+        reverse: Tensor,
+    ) -> Tensor:
         head_weight = head_weight.unsqueeze(-1)
-        gradient = head_weight * (student_probs - teacher_probs) + (1 - head_weight) * student_probs * (
+        return head_weight * (student_probs - teacher_probs) + (1 - head_weight) * student_probs * (
             reverse_terms - reverse.unsqueeze(-1)
         )
-        return values, gradient
 
     @torch.no_grad()
     def head_weight(self, student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
