@@ -194,6 +194,8 @@ def main() -> None:
             for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
                 checkpoint.unlink()
         for role in ("teacher", "student-init"):  # baselines: the models of the first trained run's config
+            if (args.rows / f"{role}.csv").exists():
+                continue
             baseline = args.runs / role
             shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
             evaluate(baseline, role, description(role, 0, 0), args.cache / "dolly-test", args.rows / f"{role}.csv", args.prompts)
