@@ -6,11 +6,15 @@ cache and evaluated the same way, rows appended to results/study.csv as runs fin
     python results/study.py --only core --runs /tmp/s --cache /tmp/c --rows /tmp/r --table /tmp/s.csv \
         --prompts 2 --overrides model=tiny '~model.student.layers' trainer.max_steps=2   # a smoke run
 
-Resumable across machines: each evaluated run leaves its rows in ``--rows`` (committed
+Several drivers may share one ``--runs`` directory (one per free core): each run is held by
+the driver that trains it (an advisory lock that the OS drops when that process ends), so
+the others go on to the next one. Resumable across machines: each evaluated run leaves its rows in ``--rows`` (committed
 with the project, ``results/study_runs/NAME.csv``, and the run's training log as
 ``results/study_runs/logs/NAME.csv``) and is skipped from then on; a run with a checkpoint in
 ``--runs`` continues from it (ckpt_path=last); the teacher caches in ``--cache`` are
 built once per machine (kd-cache resumes a partial build). Metrics per run:
+Evaluation runs under bf16 autocast, as the students trained (bf16-mixed), the same for every
+model (the teacher and the untrained student included):
 - ``nll`` and ``teacher_kl``: per-token NLL of the references and forward KL(teacher ‖
   student) at τ = 1, over every Dolly test example that fits 512 tokens;
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
@@ -21,7 +25,9 @@ built once per machine (kd-cache resumes a partial build). Metrics per run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import os
 import shutil
 import subprocess
@@ -77,6 +83,19 @@ def train(run_dir: Path, overrides: list[str], cache: Path) -> None:
     (run_dir / "checkpoints" / "done").touch()
 
 
+@contextlib.contextmanager
+def claim(run_dir: Path):
+    """True while this driver holds ``run_dir``, False when another driver does."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".claim", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+
+
 def examples_seen(run_dir: Path) -> int:
     """Training examples a run sees: its steps × its batch size."""
     cfg = run_config(run_dir)
@@ -122,8 +141,9 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
         return
     tokenizer, model, _ = load_run(run_dir, role)
     model.eval()
-    rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
-    rows += generation_metrics(model, tokenizer, prompts)
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16):
+        rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
+        rows += generation_metrics(model, tokenizer, prompts)
     with open(str(out) + ".partial", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -134,6 +154,18 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
         shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
     os.replace(str(out) + ".partial", out)
     print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+
+
+def evaluate_baselines(run_dir: Path, args) -> None:
+    """The teacher and the untrained student, built from the config of ``run_dir``, once."""
+    for role in ("teacher", "student-init"):
+        baseline = args.runs / role
+        if (args.rows / f"{role}.csv").exists():
+            continue
+        with claim(baseline) as mine:
+            if mine:
+                shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
+                evaluate(baseline, role, description(role, 0, 0), args.cache / "dolly-test", args.rows / f"{role}.csv", args.prompts)
 
 
 def collect(rows_dir: Path, table: Path, pattern: str) -> None:
@@ -185,20 +217,19 @@ def main() -> None:
         name, run_dir = f"{arm}-seed{seed}", args.runs / f"{arm}-seed{seed}"
         if (args.rows / f"{name}.csv").exists():
             continue
-        train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
-        evaluate(
-            run_dir, "student", description(arm, seed, examples_seen(run_dir)), args.cache / "dolly-test",
-            args.rows / f"{name}.csv", args.prompts,
-        )
-        if not args.keep_checkpoints:
-            for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
-                checkpoint.unlink()
-        for role in ("teacher", "student-init"):  # baselines: the models of the first trained run's config
-            if (args.rows / f"{role}.csv").exists():
-                continue
-            baseline = args.runs / role
-            shutil.copytree(run_dir / ".hydra", baseline / ".hydra", dirs_exist_ok=True)
-            evaluate(baseline, role, description(role, 0, 0), args.cache / "dolly-test", args.rows / f"{role}.csv", args.prompts)
+        with claim(run_dir) as mine:
+            if mine:
+                train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
+                evaluate(
+                    run_dir, "student", description(arm, seed, examples_seen(run_dir)), args.cache / "dolly-test",
+                    args.rows / f"{name}.csv", args.prompts,
+                )
+                if not args.keep_checkpoints:
+                    for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
+                        checkpoint.unlink()
+        if not (args.rows / f"{name}.csv").exists():  # another driver's run
+            continue
+        evaluate_baselines(run_dir, args)
         collect(args.rows, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
         collect(args.rows, args.table.with_name("study_pilot.csv"), "pilot-*")
 
