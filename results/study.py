@@ -215,19 +215,17 @@ def main() -> None:
     args.rows.mkdir(parents=True, exist_ok=True)
     for arm, seed, overrides in plan(args.only or ["pilot", "core", "temperature", "csd", "adakd"]):
         name, run_dir = f"{arm}-seed{seed}", args.runs / f"{arm}-seed{seed}"
-        if (args.rows / f"{name}.csv").exists():
-            continue
-        with claim(run_dir) as mine:
-            if mine:
-                train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
-                evaluate(
-                    run_dir, "student", description(arm, seed, examples_seen(run_dir)), args.cache / "dolly-test",
-                    args.rows / f"{name}.csv", args.prompts,
-                )
-                if not args.keep_checkpoints:
-                    for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
-                        checkpoint.unlink()
-        if not (args.rows / f"{name}.csv").exists():  # another driver's run
+        rows = args.rows / f"{name}.csv"
+        if not rows.exists():
+            with claim(run_dir) as mine:
+                if mine:
+                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
+                    described = description(arm, seed, examples_seen(run_dir))
+                    evaluate(run_dir, "student", described, args.cache / "dolly-test", rows, args.prompts)
+                    if not args.keep_checkpoints:
+                        for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):
+                            checkpoint.unlink()
+        if not rows.exists():  # another driver's run
             continue
         evaluate_baselines(run_dir, args)
         collect(args.rows, args.table, "[!p]*")  # the study's runs and baselines, not the pilot's
