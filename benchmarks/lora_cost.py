@@ -3,23 +3,26 @@ SmolLM2 setup.
 
 Runs a few steps of the default recipe (SmolLM2-135M-Instruct teacher → 10-layer copy,
 FKL, 4 Dolly examples ≤ 256 tokens a batch) training the whole student, then LoRA
-adapters (``model.lora.*``), in this one process, and reports the trainable parameters
-and seconds per step (the first step left out):
+adapters (``model.lora.*``), in this one process, in interleaved rounds (the order
+rotated each round), and reports the trainable parameters and the median seconds per
+step (each round's mean, the first step left out) with its min–max over the rounds:
 
     python benchmarks/lora_cost.py                   # → benchmarks/results/lora_cost_cpu.md
-    python benchmarks/lora_cost.py --steps 2 --out /tmp/smoke.md
+    python benchmarks/lora_cost.py --steps 2 --rounds 1 --out /tmp/smoke.md
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
+from loss_bench import interleaved_rounds
 from omegaconf import open_dict
 from policy_cost import StepTimer
 
@@ -55,26 +58,40 @@ def run(overrides: list[str], steps: int, out_dir: Path) -> tuple[int, int, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_cost_cpu.md")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is left out of the mean")
+    names = list(SETUPS)
     with tempfile.TemporaryDirectory() as scratch:
-        results = {name: run(overrides, args.steps, Path(scratch) / str(index)) for index, (name, overrides) in enumerate(SETUPS.items())}
-    full_seconds = results["full fine-tuning"][2]
+
+        def measure_once(name: str) -> dict:
+            trainable, total, seconds = run(SETUPS[name], args.steps, Path(tempfile.mkdtemp(dir=scratch)))
+            return {"case": name, "trainable": trainable, "total": total, "seconds": seconds}
+
+        rounds = interleaved_rounds(names, args.rounds, measure_once)
+    medians = {name: statistics.median(result["seconds"] for result in rounds[name]) for name in names}
+    full = medians["full fine-tuning"]
     lines = [
         "# LoRA students against full fine-tuning",
         "",
-        f"`python benchmarks/lora_cost.py --steps {args.steps}` on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}: the default recipe (SmolLM2-135M-Instruct "
-        f"teacher → 10-layer copy, FKL, batches of 4 Dolly examples), mean over steps 2–{args.steps}.",
+        f"`python benchmarks/lora_cost.py --steps {args.steps} --rounds {args.rounds}` on "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+        "the default recipe (SmolLM2-135M-Instruct teacher → 10-layer copy, FKL, batches of 4 Dolly examples). "
+        f"Seconds per step: the median over {args.rounds} interleaved rounds of each round's mean over steps "
+        f"2–{args.steps}, with the rounds' min–max.",
         "",
-        "| student | trainable parameters | % of the student | s / step | × full |",
+        "| student | trainable parameters | % of the student | s / step [min–max] | × full |",
         "|---|---:|---:|---:|---:|",
-        *[
-            f"| {name} | {trainable:,} | {100 * trainable / total:.2f} | {seconds:.2f} | {seconds / full_seconds:.2f} |"
-            for name, (trainable, total, seconds) in results.items()
-        ],
+    ]
+    for name in names:
+        last, seconds = rounds[name][-1], [result["seconds"] for result in rounds[name]]
+        lines.append(
+            f"| {name} | {last['trainable']:,} | {100 * last['trainable'] / last['total']:.2f} | "
+            f"{medians[name]:.2f} [{min(seconds):.2f}–{max(seconds):.2f}] | {medians[name] / full:.2f} |"
+        )
+    lines += [
         "",
         "The teacher's forward pass and the student's forward and backward through its frozen "
         "weights remain; LoRA saves the optimizer state and the weight gradients.",
