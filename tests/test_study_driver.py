@@ -1,0 +1,35 @@
+"""The study driver's bookkeeping: which runs it plans, in which order, and how drivers
+sharing one runs directory keep out of each other's way."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
+from study import ARMS, SEEDS, claim, description, plan  # noqa: E402
+
+
+def test_a_run_held_by_one_driver_is_refused_to_another_until_released(tmp_path):
+    with claim(tmp_path / "fkl-tau1-seed0") as first:
+        with claim(tmp_path / "fkl-tau1-seed0") as second:
+            assert first and not second
+    with claim(tmp_path / "fkl-tau1-seed0") as again:
+        assert again
+
+
+def test_the_pilot_comes_first_and_the_core_runs_every_seed_before_the_other_groups():
+    runs = [(arm, seed) for arm, seed, _ in plan(["pilot", "core", "temperature"])]
+    assert runs[:2] == [("ce", 0), ("pilot-ce-lr5e-4", 0)]
+    assert runs.count(("ce", 0)) == 1
+    core = [arm for arm, (group, _) in ARMS.items() if group == "core"]
+    assert runs[2 : 2 + len(core) * len(SEEDS) - 1] == [
+        (arm, seed) for seed in SEEDS for arm in core if (arm, seed) != ("ce", 0)
+    ]
+    assert {arm for arm, _ in runs[2 + len(core) * len(SEEDS) - 1 :]} == {"fkl-tau4", "rkl-tau4"}
+
+
+def test_rows_describe_the_arm_as_the_table_columns_expect():
+    assert description("rkl-adakd-tau1", 2, 2000) == {
+        "divergence": "rkl", "temperature": "1", "selection": "adakd", "seed": 2, "examples": 2000,
+    }
+    assert description("pilot-ce-lr5e-4", 0, 2000)["divergence"] == "ce"
+    assert description("teacher", 0, 0) == {"divergence": "teacher", "temperature": "", "selection": "none", "seed": 0, "examples": 0}
