@@ -4,6 +4,7 @@ import importlib.resources
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -118,8 +119,16 @@ def test_tiny_run_writes_a_checkpoint_without_teacher_and_resumes(tmp_path):
     for metric in ("train/loss", "train/kd_loss", "train/ce_loss", "train/lr", "train/tokens_per_s", "val/loss"):
         assert metric in header
 
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    stale = metrics.iloc[[-1]].assign(step=2)  # what a run killed after its last checkpoint logged
+    pd.concat([metrics, stale]).to_csv(tmp_path / "metrics.csv", index=False)
+
     resumed = fit(compose_config(tmp_path, *TINY, "divergence=csd", "temperature=2", "trainer.max_steps=4", "ckpt_path=last"))
     assert resumed.global_step == 4
+    steps = pd.read_csv(tmp_path / "metrics.csv")["step"].tolist()
+    assert steps[: len(metrics)] == metrics["step"].tolist() and steps.count(2) == 1 and max(steps) == 3
+    fit(compose_config(tmp_path, *TINY, "divergence=csd", "temperature=2", "trainer.max_steps=1"))  # afresh
+    assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0]
 
 
 @pytest.mark.parametrize(
