@@ -6,12 +6,12 @@ cache and evaluated the same way, rows appended to results/study.csv as runs fin
     python results/study.py --only core --runs /tmp/s --cache /tmp/c --rows /tmp/r --table /tmp/s.csv \
         --prompts 2 --overrides model=tiny '~model.student.layers' trainer.max_steps=2   # a smoke run
 
-Several drivers may share one ``--runs`` directory (one per free core): each run is held by
-the driver that trains it (an advisory lock that the OS drops when that process ends), so
-the others go on to the next one. Resumable across machines: each evaluated run leaves its rows in ``--rows`` (committed
-with the project, ``results/study_runs/NAME.csv``, and the run's training log as
-``results/study_runs/logs/NAME.csv``) and is skipped from then on; a run with a checkpoint in
-``--runs`` continues from it (ckpt_path=last); the teacher caches in ``--cache`` are
+Several drivers may share one ``--runs`` directory (one per free core): each run is held
+by the driver that trains it (an advisory lock that the OS drops when that process ends),
+so the others go on to the next one. Resumable across machines: each evaluated run leaves
+its rows in ``--rows`` (committed with the project, ``results/study_runs/NAME.csv``, and
+the run's training log as ``results/study_runs/logs/NAME.csv``) and is skipped from then
+on; a run with a checkpoint in ``--runs`` continues from it (ckpt_path=last); the teacher caches in ``--cache`` are
 built once per machine (kd-cache resumes a partial build). Every model (the teacher and
 the untrained student included) is evaluated under bf16 autocast, as the students train
 (bf16-mixed). Metrics per run:
