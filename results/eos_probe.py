@@ -68,11 +68,11 @@ def main() -> None:
         for metric, values in found.items():
             values = torch.tensor(values)
             rows += [(name, metric, "mean", float(values.mean())), (name, metric, "median", float(values.median()))]
-        print(name, {metric: f"{torch.tensor(v).mean():.3f}" for metric, v in found.items()}, f"{len(values)} examples", flush=True)
+        print(name, {metric: f"{torch.tensor(v).mean():.3g}" for metric, v in found.items()}, f"{len(values)} examples", flush=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("model", "metric", "statistic", "value"))
-        writer.writerows((name, metric, statistic, f"{value:.4f}") for name, metric, statistic, value in rows)
+        writer.writerows((name, metric, statistic, f"{value:.4g}") for name, metric, statistic, value in rows)
     print(f"{len(rows)} rows -> {args.out}")
 
 
