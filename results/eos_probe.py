@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("results/study_eos.csv"))
     args = parser.parse_args()
-    torch.manual_seed(0)
     records = eval_records("dolly-test", args.examples)
     models = [("teacher", args.runs[0], "teacher"), ("student-init", args.runs[0], "student-init")]
     models += [(run.name, run, "student") for run in args.runs]
@@ -65,10 +64,11 @@ def main() -> None:
     for name, run, role in models:
         tokenizer, model, _ = load_run(run, role)
         found = eos_probabilities(model.eval(), tokenizer, records, args.max_length)
-        for metric, values in found.items():
-            values = torch.tensor(values)
+        summary = {metric: torch.tensor(values) for metric, values in found.items()}
+        for metric, values in summary.items():
             rows += [(name, metric, "mean", float(values.mean())), (name, metric, "median", float(values.median()))]
-        print(name, {metric: f"{torch.tensor(v).mean():.3g}" for metric, v in found.items()}, f"{len(values)} examples", flush=True)
+        means = {metric: f"{values.mean():.3g}" for metric, values in summary.items()}
+        print(name, means, f"{len(found['p_eos_end'])} examples", flush=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("model", "metric", "statistic", "value"))

@@ -11,10 +11,10 @@ by the driver that trains it (an advisory lock that the OS drops when that proce
 so the others go on to the next one. Resumable across machines: each evaluated run leaves
 its rows in ``--rows`` (committed with the project, ``results/study_runs/NAME.csv``, and
 the run's training log as ``results/study_runs/logs/NAME.csv``) and is skipped from then
-on; a run with a checkpoint in ``--runs`` continues from it (ckpt_path=last); the teacher caches in ``--cache`` are
-built once per machine (kd-cache resumes a partial build). Every model (the teacher and
-the untrained student included) is evaluated under bf16 autocast, as the students train
-(bf16-mixed). Metrics per run:
+on; a run with a checkpoint in ``--runs`` continues from it (ckpt_path=last); the teacher
+caches in ``--cache`` are built once per machine (kd-cache resumes a partial build).
+Every model (the teacher and the untrained student included) is evaluated under bf16
+autocast, as the students train (bf16-mixed). Metrics per run:
 - ``nll`` and ``teacher_kl``: per-token NLL of the references and forward KL(teacher ‖
   student) at τ = 1, over every Dolly test example that fits 512 tokens;
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
