@@ -11,8 +11,10 @@ each model reads the prompt and the reference (teacher forcing) and the probe re
 
 Each is averaged over the examples (``mean``) and given as the median over examples
 (``median``). Models: the teacher and the untrained student (built from the first run's
-config) and each run's trained student (its ``checkpoints/last.ckpt``). Every model is
-read under bf16 autocast, as the study evaluates them; probabilities in float32.
+config, once: skipped when ``--out`` has their rows) and each run's trained student (its
+``checkpoints/last.ckpt``). Rows are merged into ``--out``: a model probed again replaces
+its rows, the others' stay, so runs whose checkpoints are gone keep their figures. Every
+model is read under bf16 autocast, as the study evaluates them; probabilities in float32.
 
     python results/eos_probe.py /root/kd-study/runs/{ce,fkl-tau1,rkl-tau1}-seed1 --out results/study_eos.csv
 """
@@ -50,6 +52,24 @@ def eos_probabilities(model, tokenizer, records: list[dict], max_length: int) ->
     return found
 
 
+def summary_rows(model: str, found: dict[str, list[float]]) -> list[dict]:
+    """The mean and the median over examples of each of ``found``'s probabilities."""
+    rows = []
+    for metric, values in found.items():
+        values = torch.tensor(values)
+        rows += [
+            {"model": model, "metric": metric, "statistic": statistic, "value": f"{float(value):.4g}"}
+            for statistic, value in (("mean", values.mean()), ("median", values.median()))
+        ]
+    return rows
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old``'s rows with those of every model in ``new`` replaced by ``new``'s."""
+    replaced = {row["model"] for row in new}
+    return [row for row in old if row["model"] not in replaced] + new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run directories whose students to probe")
@@ -58,22 +78,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/study_eos.csv"))
     args = parser.parse_args()
     records = eval_records("dolly-test", args.examples)
-    models = [("teacher", args.runs[0], "teacher"), ("student-init", args.runs[0], "student-init")]
+    old = list(csv.DictReader(args.out.open())) if args.out.exists() else []
+    models = [(role, args.runs[0], role) for role in ("teacher", "student-init") if role not in {row["model"] for row in old}]
     models += [(run.name, run, "student") for run in args.runs]
-    rows = []
+    new = []
     for name, run, role in models:
         tokenizer, model, _ = load_run(run, role)
         found = eos_probabilities(model.eval(), tokenizer, records, args.max_length)
-        summary = {metric: torch.tensor(values) for metric, values in found.items()}
-        for metric, values in summary.items():
-            rows += [(name, metric, "mean", float(values.mean())), (name, metric, "median", float(values.median()))]
-        means = {metric: f"{values.mean():.3g}" for metric, values in summary.items()}
+        summary = summary_rows(name, found)
+        means = {row["metric"]: row["value"] for row in summary if row["statistic"] == "mean"}
         print(name, means, f"{len(found['p_eos_end'])} examples", flush=True)
+        new += summary
+    rows = merged(old, new)
     with open(args.out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("model", "metric", "statistic", "value"))
-        writer.writerows((name, metric, statistic, f"{value:.4g}") for name, metric, statistic, value in rows)
-    print(f"{len(rows)} rows -> {args.out}")
+        writer = csv.DictWriter(handle, fieldnames=("model", "metric", "statistic", "value"))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(new)} rows probed, {len(rows)} in {args.out}")
 
 
 if __name__ == "__main__":

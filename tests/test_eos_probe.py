@@ -11,7 +11,7 @@ from torch import nn
 from kd_lightning.data.datamodule import encode_example
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
-from eos_probe import eos_probabilities  # noqa: E402
+from eos_probe import eos_probabilities, merged  # noqa: E402
 
 
 class StopsFrom(nn.Module):
@@ -37,3 +37,13 @@ def test_the_probe_reads_eos_where_the_reference_ends_and_skips_cut_examples(tok
     found = eos_probabilities(model, tokenizer, [record, cut], max_length=length + 5)
     assert found["p_eos_end"] == [pytest.approx(0.25)]
     assert found["p_eos_inside"] == [0.0]
+
+
+def test_probed_models_replace_their_rows_and_the_others_stay():
+    def row(model, value):
+        return {"model": model, "metric": "p_eos_end", "statistic": "mean", "value": value}
+
+    old = [row("teacher", "0.2"), row("ce-seed1", "0.3")]
+    assert merged(old, [row("ce-seed1", "0.4"), row("rkl-tau1-seed1", "0.05")]) == [
+        row("teacher", "0.2"), row("ce-seed1", "0.4"), row("rkl-tau1-seed1", "0.05"),
+    ]
