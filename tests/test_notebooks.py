@@ -30,6 +30,8 @@ def test_study_notebook_gives_verdicts_and_plots_from_a_small_csv(tmp_path, monk
         assert (tmp_path / name).stat().st_size > 10_000
     outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
     assert "118 rows, 7 arms, seeds [0, 1], 2000 training examples per run" in outputs
+    per_set = next(cell.outputs[0]["data"]["text/plain"] for cell in notebook.cells if "per_set" in cell.source)
+    assert "vicuna" in per_set and "13.25 ± 0.35" in per_set  # FKL at τ = 1 on Vicuna
     # paired over the two seeds: RKL's ROUGE-L is 1 point above FKL's at τ = 1 in both
     assert "| RKL ahead of FKL at τ = 1 | rouge_l | 2 | +1.00 [+1.00, +1.00] | holds |" in outputs
     assert "| FKL ahead of RKL at τ = 2 | nll | 2 | -0.10 [-0.10, -0.10] | reversed |" in outputs
