@@ -131,6 +131,14 @@ def test_tiny_run_writes_a_checkpoint_without_teacher_and_resumes(tmp_path):
     assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0]
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned(native, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("kd_lightning.train.cpu_has_bf16", lambda: native)
+    fit(compose_config(tmp_path, *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=1"))
+    warned = "trainer.precision=bf16-mixed on a CPU without native bfloat16" in caplog.text
+    assert warned != native and ("use trainer.precision=32" in caplog.text) == warned
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
