@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.cache import CachedTeacher, run_fingerprint
@@ -65,8 +66,9 @@ def fit(cfg: DictConfig) -> L.Trainer:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without either,
-    torch emulates bf16 matmuls through float32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    torch emulates bf16 matmuls through float32. A torch without these probes is trusted."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: True)() for probe in probes)
 
 
 def warn_emulated_bf16(cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -74,7 +76,7 @@ def warn_emulated_bf16(cfg: DictConfig, trainer: L.Trainer) -> None:
     bf16-mixed step of the SmolLM2 study ran 15-18x slower than the float32 step."""
     asked = [f"trainer.precision={trainer.precision}"] if str(trainer.precision).startswith("bf16") else []
     asked += [f"model.{role}.dtype=bfloat16" for role in ("teacher", "student") if cfg.model[role].get("dtype") == "bfloat16"]
-    if asked and trainer.accelerator.__class__.__name__ == "CPUAccelerator" and not cpu_has_bf16():
+    if asked and isinstance(trainer.accelerator, CPUAccelerator) and not cpu_has_bf16():
         log.warning(
             "%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch emulates bf16 here, and a "
             "bf16 step can run an order of magnitude slower than float32. On this CPU use trainer.precision=32 "
