@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from functools import partial
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.cache import CachedTeacher, run_fingerprint
 from kd_lightning.cli import compact_errors
 from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
+from kd_lightning.precision import Float32MatmulsForBf16, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,8 @@ def fit(cfg: DictConfig) -> L.Trainer:
     callbacks = instantiate_callbacks(cfg)
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    warn_emulated_bf16(cfg, trainer)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    with bf16_matmuls(cfg, trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None:  # with spawned processes only the directory is known here
         last = Path(checkpoint.last_model_path or Path(checkpoint.dirpath) / "last.ckpt")
@@ -64,24 +66,18 @@ def fit(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without either,
-    torch emulates bf16 matmuls through float32. A torch without these probes is trusted."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: True)() for probe in probes)
-
-
-def warn_emulated_bf16(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """Warn when bf16 is asked of a CPU that only emulates it: on an AVX2-only CPU a
-    bf16-mixed step of the SmolLM2 study ran 15-18x slower than the float32 step."""
+def bf16_matmuls(cfg: DictConfig, trainer: L.Trainer) -> contextlib.AbstractContextManager:
+    """:class:`Float32MatmulsForBf16` while bf16 is asked of a CPU that only emulates it,
+    where torch's own bf16 matmuls run an order of magnitude slower than float32's."""
     asked = [f"trainer.precision={trainer.precision}"] if str(trainer.precision).startswith("bf16") else []
     asked += [f"model.{role}.dtype=bfloat16" for role in ("teacher", "student") if cfg.model[role].get("dtype") == "bfloat16"]
     if asked and isinstance(trainer.accelerator, CPUAccelerator) and not cpu_has_bf16():
-        log.warning(
-            "%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch emulates bf16 here, and a "
-            "bf16 step can run an order of magnitude slower than float32. On this CPU use trainer.precision=32 "
-            "and float32 models; keep bf16 for GPUs and bf16-capable CPUs.", ", ".join(asked),
+        log.info(
+            "%s on a CPU without native bfloat16 (no AVX512-BF16 or AMX): bf16 matmuls run as float32 "
+            "matmuls of the bf16 operands, the same numbers up to summation order at float32 speed.", ", ".join(asked),
         )
+        return Float32MatmulsForBf16()
+    return contextlib.nullcontext()
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:

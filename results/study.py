@@ -14,7 +14,8 @@ the run's training log as ``results/study_runs/logs/NAME.csv``) and is skipped f
 on; a run with a checkpoint in ``--runs`` continues from it (ckpt_path=last); the teacher
 caches in ``--cache`` are built once per machine (kd-cache resumes a partial build).
 Every model (the teacher and the untrained student included) is evaluated under bf16
-autocast, as the students train (bf16-mixed). Metrics per run:
+autocast, as the students train (bf16-mixed); on a CPU without native bf16, both run their
+bf16 matmuls as float32 matmuls of the bf16 operands (``kd_lightning.precision``). Metrics per run:
 - ``nll`` and ``teacher_kl``: per-token NLL of the references and forward KL(teacher ‖
   student) at τ = 1, over every Dolly test example that fits 512 tokens;
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
@@ -40,6 +41,7 @@ from kd_lightning import DistillationModule, InstructionDataModule
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.evaluation import eval_records, generate, rouge_l
 from kd_lightning.data.datamodule import format_prompt
+from kd_lightning.precision import cpu_bf16_matmuls
 from kd_lightning.runs import load_run, run_config
 
 SEEDS = (0, 1, 2)
@@ -141,7 +143,8 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
         return
     tokenizer, model, _ = load_run(run_dir, role)
     model.eval()
-    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16):
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16), cpu_bf16_matmuls(device_type):
         rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
         rows += generation_metrics(model, tokenizer, prompts)
     with open(str(out) + ".partial", "w", newline="") as handle:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from kd_lightning import losses
+from kd_lightning.precision import Float32MatmulsForBf16
 from kd_lightning.train import fit
 
 CONF = importlib.resources.files("kd_lightning.conf")
@@ -132,11 +133,19 @@ def test_tiny_run_writes_a_checkpoint_without_teacher_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_bf16_on_a_cpu_that_emulates_it_is_warned(native, tmp_path, monkeypatch, caplog):
+def test_bf16_on_a_cpu_that_emulates_it_runs_float32_matmuls(native, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("kd_lightning.train.cpu_has_bf16", lambda: native)
+    modes = []
+
+    def recorded_mode():
+        modes.append(Float32MatmulsForBf16())
+        return modes[-1]
+
+    monkeypatch.setattr("kd_lightning.train.Float32MatmulsForBf16", recorded_mode)
+    caplog.set_level("INFO")
     fit(compose_config(tmp_path, *TINY, "trainer.precision=bf16-mixed", "trainer.max_steps=1"))
-    warned = "trainer.precision=bf16-mixed on a CPU without native bfloat16" in caplog.text
-    assert warned != native and ("use trainer.precision=32" in caplog.text) == warned
+    said = "trainer.precision=bf16-mixed on a CPU without native bfloat16" in caplog.text
+    assert said != native and len(modes) == (not native)
 
 
 @pytest.mark.parametrize(
