@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from kd_lightning.constants import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
 from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.models import frozen, last_hidden_state, lm_head
+from kd_lightning.precision import cpu_bf16_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -324,10 +325,11 @@ def build(cfg) -> Path:
     device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
     teacher = frozen(instantiate(cfg.model.teacher)()).to(device)
     started = time.perf_counter()
-    manifest = writer.write(
-        teacher, {"train": datamodule.train_set, "validation": datamodule.val_set}, datamodule.collate,
-        cfg.data.batch_size, device,
-    )
+    with cpu_bf16_matmuls(device.type):  # a bf16 teacher on a CPU without native bf16
+        manifest = writer.write(
+            teacher, {"train": datamodule.train_set, "validation": datamodule.val_set}, datamodule.collate,
+            cfg.data.batch_size, device,
+        )
     size = sum((writer.directory / "shards" / shard["file"]).stat().st_size for shard in manifest["shards"])
     log.info(
         "teacher cache %s: %d examples, %.1f MiB of %s states, in %.0f s",
