@@ -173,6 +173,8 @@ def evaluate_baselines(run_dir: Path, args) -> None:
 
 def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     rows = [row for path in sorted(rows_dir.glob(f"{pattern}.csv")) for row in csv.DictReader(path.open())]
+    if not rows:  # e.g. no pilot run among these rows: no empty table
+        return
     with open(table, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

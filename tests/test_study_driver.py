@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
-from study import ARMS, SEEDS, claim, description, plan  # noqa: E402
+from study import ARMS, COLUMNS, SEEDS, claim, collect, description, plan  # noqa: E402
 
 
 def test_a_run_held_by_one_driver_is_refused_to_another_until_released(tmp_path):
@@ -33,3 +33,15 @@ def test_rows_describe_the_arm_as_the_table_columns_expect():
     }
     assert description("pilot-ce-lr5e-4", 0, 2000)["divergence"] == "ce"
     assert description("teacher", 0, 0) == {"divergence": "teacher", "temperature": "", "selection": "none", "seed": 0, "examples": 0}
+
+
+def test_collect_joins_the_matching_runs_rows_and_writes_no_table_without_any(tmp_path):
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    for name, value in (("fkl-tau1-seed0", "4.5"), ("pilot-ce-lr5e-4", "4.6")):
+        row = {**description(name.rsplit("-seed", 1)[0], 0, 2000), "metric": "nll", "dataset": "dolly-test", "value": value}
+        (rows_dir / f"{name}.csv").write_text(",".join(COLUMNS) + "\n" + ",".join(str(row[c]) for c in COLUMNS) + "\n")
+    collect(rows_dir, tmp_path / "study.csv", "[!p]*")
+    assert (tmp_path / "study.csv").read_text().splitlines()[1].endswith(",4.5")
+    collect(rows_dir, tmp_path / "none.csv", "teacher*")
+    assert not (tmp_path / "none.csv").exists()
