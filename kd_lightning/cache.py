@@ -241,7 +241,7 @@ class CachedTeacher(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def counted_hidden_states(self, batch: dict) -> Tensor:
+    def counted_outputs(self, batch: dict) -> Tensor:
         """``[N, H]`` hidden states of the counted positions of a batch: example after
         example, in the order ``hidden[:, :-1][counted]`` gives for a live teacher. Each
         example is looked up by its ``record`` and must have the tokens it was cached with."""

@@ -1,17 +1,19 @@
 """From a batch to the parts of the §1 loss: teacher sources and loss heads.
 
 Teacher sources. ``counted_states`` takes the final hidden states of the counted tokens
-from the student's forward pass and from the teacher's source: a live model's forward
-pass, or any stored source with ``counted_hidden_states(batch) -> [N, H]`` and an
-``lm_head`` (the teacher cache, ``cache.CachedTeacher``). A new source is one such class.
+from the student's forward pass and the teacher's outputs for them from its source: a
+live model's forward pass (hidden states), or any stored source with
+``counted_outputs(batch)``: hidden states ``[N, H]`` beside an ``lm_head`` (the exact
+cache, ``cache.CachedTeacher``) or ``losses.TopKTargets`` (the top-k cache,
+``topk_cache.TopKCachedTeacher``, which has no lm_head). A new source is one such class.
 
 Loss heads. A head is built per batch from those states and offers, in order:
 ``difficulty()``, the Hellinger distance at τ = 1 per token (for token policies), then
 ``kept_losses(tokens, weights, mean)``, D of the kept tokens at their temperatures and
 the cross-entropy of every counted token, both ready to backpropagate. ``EagerHead``
 computes both models' logits of the counted tokens and uses autograd; ``FusedHead``
-runs ``losses.fused_linear_divergence``, chunk by chunk, never the full logits. A new
-head is one new class with those two methods.
+runs ``losses.fused_divergence``, chunk by chunk, never the full logits; it is the one
+head that serves top-k targets. A new head is one new class with those two methods.
 """
 
 from __future__ import annotations
@@ -35,16 +37,16 @@ class CountedStates:
     """The counted tokens of a batch: both models' final hidden states and the labels."""
 
     student: Tensor  # [N, Hs], with gradient
-    teacher: Tensor  # [N, Ht], without
+    teacher: Tensor | losses.TopKTargets  # [N, Ht] hidden states, or top-k targets; without gradient
     labels: Tensor  # [N]
 
 
 def hidden_states(model: nn.Module, batch: dict) -> Tensor:
     """``[N, H]``: ``model``'s final hidden states at the counted positions, from its
     forward pass (position i predicts token i + 1: labels shift here, as in Hugging Face)
-    or, for a stored source, read by each example's ``record``."""
-    if hasattr(model, "counted_hidden_states"):
-        return model.counted_hidden_states(batch)
+    or, for a stored source, its outputs read by each example's ``record``."""
+    if hasattr(model, "counted_outputs"):
+        return model.counted_outputs(batch)
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     return last_hidden_state(model, model_inputs)[:, :-1][counted_positions(batch["labels"])]
 
@@ -60,10 +62,11 @@ def counted_states(student: nn.Module, teacher: nn.Module, batch: dict) -> Count
 @dataclass
 class LmHeads:
     """The student's and the teacher's lm_heads, with logits cut to the tokenizer's
-    ``vocab_size``: rows beyond it are padding and carry no token (e.g. 151,936 vs 152,064)."""
+    ``vocab_size``: rows beyond it are padding and carry no token (e.g. 151,936 vs 152,064).
+    A teacher source of top-k targets has no lm_head (``teacher`` is None)."""
 
     student: nn.Module
-    teacher: nn.Module
+    teacher: nn.Module | None
     vocab_size: int | None = None
 
     @classmethod
@@ -84,10 +87,10 @@ class LmHeads:
             )
         return self.vocab_size
 
-    def fused_weights(self) -> tuple[Tensor, Tensor] | None:
-        """The weights ``[V, H]`` of student and teacher, cut to ``vocab_size``, when both
-        lm_heads are bias-free linear layers (what the fused head needs); else ``None``."""
-        heads = {"student": self.student, "teacher": self.teacher}
+    def fused_weights(self) -> dict[str, Tensor] | None:
+        """The weights ``[V, H]`` of the lm_heads there are (``student``, ``teacher``), cut to
+        ``vocab_size``, when all are bias-free linear layers (what the fused head needs); else ``None``."""
+        heads = {role: head for role, head in (("student", self.student), ("teacher", self.teacher)) if head is not None}
         if not all(isinstance(head, nn.Linear) and head.bias is None for head in heads.values()):
             return None
         # under FSDP the weights are sharded between forward passes: gather them for the loss
@@ -95,7 +98,22 @@ class LmHeads:
         weights = {role: weight.full_tensor() if isinstance(weight, DTensor) else weight for role, weight in weights.items()}
         if self.vocab_size is not None:
             weights = {role: weight[: self.tokenizer_rows(role, len(weight))] for role, weight in weights.items()}
-        return weights["student"], weights["teacher"]
+        return weights
+
+    def fused_inputs(self, teacher_outputs: Tensor | losses.TopKTargets, fused: bool) -> tuple | None:
+        """``(student_weight, targets)`` for the fused head, or ``None`` for the eager one:
+        the fused head serves ``fused`` runs whose lm_heads allow it, and top-k targets always."""
+        weights = self.fused_weights() if fused or isinstance(teacher_outputs, losses.TopKTargets) else None
+        if isinstance(teacher_outputs, losses.TopKTargets):
+            if weights is None:
+                raise ValueError(
+                    "a top-k teacher cache is served by the fused loss, which needs a student lm_head that is a "
+                    f"bias-free linear layer (this student's: {self.student}); use an exact cache (cache.format=exact)"
+                )
+            return weights["student"], teacher_outputs
+        if weights is None:
+            return None
+        return weights["student"], losses.LinearTargets(teacher_outputs, weights["teacher"])
 
 
 @dataclass
@@ -160,8 +178,9 @@ class EagerHead:
 
 
 class FusedHead:
-    """``losses.fused_linear_divergence``: lm_heads and divergence chunk by chunk, the
-    gradients ready after the forward pass, at the weights the loss gives each token.
+    """``losses.fused_divergence``: the student's lm_head and the divergence chunk by chunk
+    against the teacher's ``targets``, the gradients ready after the forward pass, at the
+    weights the loss gives each token.
 
     Without token policies one pass gives D and the cross-entropy of every token. With
     them (``selective``) a first chunked pass without gradient gives each token's
@@ -176,20 +195,19 @@ class FusedHead:
         ce_weight: float,
         states: CountedStates,
         selective: bool,
-        weights: tuple[Tensor, Tensor],
+        student_weight: Tensor,
+        targets: losses.LinearTargets | losses.TopKTargets,
         *,
         chunk_size: int,
         compile: bool = False,
         matmul_dtype: torch.dtype | None = None,
     ):
         self.divergence, self.ce_weight, self.states = divergence, ce_weight, states
-        self.student_weight, self.teacher_weight = weights
+        self.student_weight, self.targets = student_weight, targets
         self.chunk_size, self.compile, self.matmul_dtype = chunk_size, compile, matmul_dtype
         self.statistics = None  # (difficulty, cross-entropy) per token, when policies judge them
         if selective:
-            self.statistics = token_statistics(
-                states.student.detach(), self.student_weight, states.teacher, self.teacher_weight, states.labels, chunk_size
-            )
+            self.statistics = token_statistics(states.student.detach(), student_weight, targets, states.labels, chunk_size)
 
     def difficulty(self) -> Tensor:
         return self.statistics[0]
@@ -201,16 +219,16 @@ class FusedHead:
             loss_weights[keep] = (1 - self.ce_weight) * mean.world_size / mean.kd_count * weights
             ce_weights = self.ce_weight * mean.world_size / mean.ce_count
             per_token, cross_entropy = self.fused(
-                states.student, states.teacher, tokens.temperature, loss_weights, labels=states.labels, ce_weights=ce_weights
+                states.student, self.targets, tokens.temperature, loss_weights, labels=states.labels, ce_weights=ce_weights
             )
             return per_token[keep], cross_entropy
         if self.statistics is None:  # every token kept: the cross-entropy comes from the same pass
-            return self.fused(states.student, states.teacher, tokens.temperature[keep], weights, labels=states.labels)
-        per_token = self.fused(states.student[keep], states.teacher[keep], tokens.temperature[keep], weights)
+            return self.fused(states.student, self.targets, tokens.temperature[keep], weights, labels=states.labels)
+        per_token = self.fused(states.student[keep], self.targets[keep], tokens.temperature[keep], weights)
         return per_token, self.statistics[1]
 
-    def fused(self, student_hidden: Tensor, teacher_hidden: Tensor, temperature: Tensor, weights: Tensor, **kwargs):
-        return losses.fused_linear_divergence(
-            self.divergence, student_hidden, self.student_weight, teacher_hidden, self.teacher_weight, temperature,
-            self.chunk_size, weights=weights, compile=self.compile, matmul_dtype=self.matmul_dtype, **kwargs,
+    def fused(self, student_hidden: Tensor, targets, temperature: Tensor, weights: Tensor, **kwargs):
+        return losses.fused_divergence(
+            self.divergence, student_hidden, self.student_weight, targets, temperature, self.chunk_size,
+            weights=weights, compile=self.compile, matmul_dtype=self.matmul_dtype, **kwargs,
         )

@@ -17,6 +17,7 @@ from kd_lightning import losses
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.checkpoints import drop_teacher_weights, ignore_missing_teacher
 from kd_lightning.diagnostics import non_finite_loss_message, print_parameter_memory
+from kd_lightning.frozen_teacher import hide_frozen_teacher_warning, remove_warning_filter
 from kd_lightning.heads import CountedStates, EagerHead, FusedHead, GlobalMean, LmHeads, LossHead, counted_states
 from kd_lightning.models import add_lora, build_student, frozen, shard_by_layer, shard_teacher
 from kd_lightning.schedule import as_schedule, total_steps
@@ -169,8 +170,10 @@ class DistillationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.student.train()  # Hugging Face models load in eval mode
         self.run_steps = total_steps(self.trainer)
+        self._eval_mode_warning_filter = hide_frozen_teacher_warning(self)  # the teacher is in eval mode on purpose
 
     def on_train_start(self) -> None:
+        remove_warning_filter(self._eval_mode_warning_filter)  # Lightning checked the modes just before this hook
         print_parameter_memory(self)
 
     # -------------------------------------------------------------------- loss
@@ -190,13 +193,13 @@ class DistillationModule(L.LightningModule):
 
     def loss_head(self, states: CountedStates, selective: bool) -> LossHead:
         """The fused head where it applies (``loss_impl="fused"`` and bias-free linear
-        lm_heads, the cross-entropy of ``ce_weight`` included), else the eager one."""
+        lm_heads, the cross-entropy of ``ce_weight`` included; a top-k cache always), else the eager one."""
         lm_heads = LmHeads.of(self.student, self.teacher, self.vocab_size)
-        weights = lm_heads.fused_weights() if self.loss_impl == "fused" else None
-        if weights is None:
+        fused_inputs = lm_heads.fused_inputs(states.teacher, fused=self.loss_impl == "fused")
+        if fused_inputs is None:
             return EagerHead(self.divergence, self.ce_weight, states, selective, lm_heads)
         return FusedHead(
-            self.divergence, self.ce_weight, states, selective, weights,
+            self.divergence, self.ce_weight, states, selective, *fused_inputs,
             chunk_size=self.chunk_size, compile=self.compile_loss, matmul_dtype=self.loss_matmul_dtype,
         )
 

@@ -270,9 +270,8 @@ def test_one_chunk_iterator_visits_each_selected_token_once():
     visited = torch.arange(TOKENS) % 3 != 0
     inverse_tau = torch.linspace(0.5, 2.0, TOKENS, dtype=torch.float64)
     seen = []
-    for rows, hidden, student_logits, teacher_logits in chunks(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, visited, 4, inverse_tau
-    ):
+    targets = losses.LinearTargets(teacher_hidden, teacher_weight)
+    for rows, hidden, student_logits, teacher_logits in chunks(student_hidden, student_weight, targets, visited, 4, inverse_tau):
         assert len(rows) <= 4
         seen += rows.tolist()
         torch.testing.assert_close(hidden, student_hidden[rows])
@@ -288,7 +287,8 @@ def test_token_statistics_equal_the_unfused_ones():
 
     student_hidden, student_weight, teacher_hidden, teacher_weight = problem()
     labels = torch.arange(TOKENS) % VOCAB
-    difficulty, cross_entropy = token_statistics(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, 5)
+    targets = losses.LinearTargets(teacher_hidden, teacher_weight)
+    difficulty, cross_entropy = token_statistics(student_hidden, student_weight, targets, labels, 5)
     student_logits, teacher_logits = student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T
     torch.testing.assert_close(difficulty, losses.hellinger(student_logits, teacher_logits).float())
     torch.testing.assert_close(cross_entropy, cross_entropy_per_token(student_logits.detach(), labels).float())

@@ -157,13 +157,13 @@ def test_dropped_tokens_cost_no_gradient_work(batch, loss_impl, monkeypatch):
     module.student.lm_head.register_full_backward_hook(
         lambda head, grad_inputs, grad_outputs: rows_with_gradient.append(len(grad_outputs[0]))
     )
-    fused = losses.fused_linear_divergence
+    fused = losses.fused_divergence
 
     def recording_fused(divergence, student_hidden, *args, **kwargs):
         rows_with_gradient.append(len(student_hidden))
         return fused(divergence, student_hidden, *args, **kwargs)
 
-    monkeypatch.setattr(losses, "fused_linear_divergence", recording_fused)
+    monkeypatch.setattr(losses, "fused_divergence", recording_fused)
     out = module.training_step(batch, 0)
     out["loss"].backward()
     counted = int((batch["labels"][:, 1:] != -100).sum())

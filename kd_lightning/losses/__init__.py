@@ -12,8 +12,9 @@ from __future__ import annotations
 from kd_lightning.losses.base import Divergence, hellinger
 from kd_lightning.losses.csd import ConcreteScore
 from kd_lightning.losses.distances import AlphaBeta, TotalVariation
-from kd_lightning.losses.fused import fused_linear_divergence
+from kd_lightning.losses.fused import fused_divergence, fused_linear_divergence
 from kd_lightning.losses.kl import AdaptiveKL, ForwardKL, JensenShannon, ReverseKL, SkewKL, SkewReverseKL
+from kd_lightning.losses.targets import LinearTargets, TopKTargets
 
 _REGISTRY: dict[str, type[Divergence]] = {
     cls.name: cls
@@ -59,11 +60,14 @@ __all__ = [
     "Divergence",
     "ForwardKL",
     "JensenShannon",
+    "LinearTargets",
     "ReverseKL",
     "SkewKL",
     "SkewReverseKL",
+    "TopKTargets",
     "TotalVariation",
     "available",
+    "fused_divergence",
     "fused_linear_divergence",
     "get",
     "hellinger",

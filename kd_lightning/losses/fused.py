@@ -21,43 +21,40 @@ import torch
 from torch import Tensor
 
 from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger
+from kd_lightning.losses.targets import LinearTargets, TopKTargets
+
+Targets = LinearTargets | TopKTargets
 
 
 def chunks(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    targets: Targets,
     visited: Tensor,
     chunk_size: int,
     inverse_temperature: Tensor | None = None,
     temper_student: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The one chunk loop of the fused path: for each ``chunk_size`` of the ``visited``
-    tokens (``[N]`` bool), their indices, the student's hidden states and both models'
-    logits ``[n, V]``.
+    tokens (``[N]`` bool), their indices, the student's hidden states, its logits ``[n, V]``
+    and the teacher's side from ``targets`` (logits ``[n, V]``, or top-K log-probabilities).
 
-    With ``inverse_temperature`` (``[N]``, 1/τ) the logits are tempered as
-    ``z/τ = (h/τ) Wᵀ``: the temperature costs no pass over the vocabulary; with
+    With ``inverse_temperature`` (``[N]``, 1/τ) both sides are tempered; the student's as
+    ``z/τ = (h/τ) Wᵀ``, so the temperature costs no pass over the vocabulary. With
     ``temper_student=False`` the student's stay untempered (z, for the cross-entropy).
     """
     for rows in visited.nonzero().squeeze(-1).split(chunk_size):
         hidden = student_rows = student_hidden[rows]
-        teacher_rows = teacher_hidden[rows]
-        if inverse_temperature is not None:
-            inverse_tau = inverse_temperature[rows].unsqueeze(-1)
-            teacher_rows = teacher_rows * inverse_tau.to(teacher_rows.dtype)
-            if temper_student:
-                student_rows = hidden * inverse_tau.to(hidden.dtype)
-        yield rows, hidden, student_rows @ student_weight.T, teacher_rows @ teacher_weight.T
+        if inverse_temperature is not None and temper_student:
+            student_rows = hidden * inverse_temperature[rows].unsqueeze(-1).to(hidden.dtype)
+        yield rows, hidden, student_rows @ student_weight.T, targets.tempered_logits(rows, inverse_temperature)
 
 
 def chunked_pass(
     divergence: Divergence,
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    targets: Targets,
     temperature: Tensor,
     weights: Tensor,
     chunk_size: int,
@@ -71,29 +68,29 @@ def chunked_pass(
     labels), and the gradients of ``Σ_i weights_i · D_i + Σ_i ce_weights_i · CE_i`` with
     respect to the student's hidden states and lm_head weight. Tokens whose weight and
     ce weight are both 0 are skipped entirely: their D and cross-entropy are 0.
-    ``matmul_dtype`` runs the four matmuls in that dtype (copies of the weights, once per
+    ``matmul_dtype`` runs the matmuls in that dtype (copies of the weights, once per
     pass), everything else in the weights' compute dtype."""
     step, ce_step = chunk_steps(divergence, compile)
-    dtype = compute_dtype(student_weight, teacher_weight)
+    dtype = compute_dtype(student_weight, targets)
     if matmul_dtype is not None:
-        inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight)
-        student_hidden, student_weight, teacher_hidden, teacher_weight = (tensor.to(matmul_dtype) for tensor in inputs)
+        student_hidden, student_weight = student_hidden.to(matmul_dtype), student_weight.to(matmul_dtype)
+        targets = targets.for_matmuls(matmul_dtype)
     values = torch.zeros(len(student_hidden), dtype=dtype, device=student_hidden.device)
     cross_entropy = torch.zeros_like(values)
     hidden_grad = torch.zeros_like(student_hidden, dtype=dtype) if with_gradients else None
     weight_grad = torch.zeros_like(student_weight, dtype=dtype) if with_gradients else None
     visited = weights != 0 if ce_weights is None else (weights != 0) | (ce_weights != 0)
     inverse_temperature = 1 / temperature
-    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight, visited, chunk_size, inverse_temperature)
+    inputs = (student_hidden, student_weight, targets, visited, chunk_size, inverse_temperature)
     for rows, hidden, student_logits, teacher_logits in chunks(*inputs, temper_student=labels is None):
         ce_grad = None
+        student_logits = student_logits.to(dtype)
         if labels is not None:  # the cross-entropy at τ = 1 first, then z/τ
-            student_logits = student_logits.to(dtype)
             ce_scale = ce_weights[rows] if with_gradients and ce_weights is not None else None
             cross_entropy[rows], ce_grad = ce_step(student_logits, labels[rows], ce_scale)
             student_logits = student_logits * inverse_temperature[rows].unsqueeze(-1)
         gradient_scale = weights[rows] / temperature[rows] if with_gradients else None
-        values[rows], logit_grad = step(student_logits.to(dtype), teacher_logits.to(dtype), gradient_scale)
+        values[rows], logit_grad = divergence_step(step, targets, rows, student_logits, teacher_logits.to(dtype), gradient_scale)
         del student_logits, teacher_logits
         if with_gradients:
             if ce_grad is not None:  # the cross-entropy's logit gradient joins in the same chunk
@@ -101,6 +98,17 @@ def chunked_pass(
                 del ce_grad
             accumulate_gradients(logit_grad.to(student_weight.dtype), rows, hidden, student_weight, hidden_grad, weight_grad)
     return values, cross_entropy, hidden_grad, weight_grad
+
+
+def divergence_step(
+    step: Callable, targets: Targets, rows: Tensor, student_logits: Tensor, teacher_logits: Tensor, gradient_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``step`` on the outcomes ``targets`` compares (the vocabulary, or the top-K ids and the
+    rest), its gradient returned to the student's vocabulary."""
+    values, outcome_gradient = step(targets.student_outcomes(student_logits, rows), teacher_logits, gradient_scale)
+    if outcome_gradient is None:
+        return values, None
+    return values, targets.vocabulary_gradient(outcome_gradient, student_logits, rows)
 
 
 def accumulate_gradients(
@@ -172,25 +180,23 @@ def compiled_cross_entropy_step():
 def token_statistics(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    targets: Targets,
     labels: Tensor,
     chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Per token at τ = 1, chunk by chunk and without gradient: the Hellinger distance
-    between teacher and student (a token's difficulty) and the student's cross-entropy."""
+    between teacher and student on the outcomes ``targets`` compares (a token's
+    difficulty) and the student's cross-entropy."""
     difficulty = torch.zeros(len(student_hidden), device=student_hidden.device)
     cross_entropy = torch.zeros_like(difficulty)
     every_token = torch.ones(len(student_hidden), dtype=torch.bool, device=student_hidden.device)
-    for rows, _, student_logits, teacher_logits in chunks(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, every_token, chunk_size
-    ):
-        difficulty[rows] = hellinger(student_logits, teacher_logits).float()
+    for rows, _, student_logits, teacher_logits in chunks(student_hidden, student_weight, targets, every_token, chunk_size):
+        difficulty[rows] = hellinger(targets.student_outcomes(student_logits, rows), teacher_logits).float()
         cross_entropy[rows] = cross_entropy_per_token(student_logits, labels[rows]).float()
     return difficulty, cross_entropy
 
 
-class _FusedLinearDivergence(torch.autograd.Function):
+class _FusedDivergence(torch.autograd.Function):
     """Gradients are computed in the forward pass for upstream gradients proportional to
     ``(weights, ce_weights)`` (what a weighted mean of D and cross-entropy gives) and
     scaled in backward; any other upstream gradient is served exactly by a second
@@ -198,10 +204,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, weights, chunk_size,
-        labels, compile, ce_weights, matmul_dtype,
+        ctx, student_hidden, student_weight, targets, divergence, temperature, weights, chunk_size, labels, compile,
+        ce_weights, matmul_dtype,
     ):
-        inputs = (divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature)
+        inputs = (divergence, student_hidden, student_weight, targets, temperature)
         needs_gradients = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         values, cross_entropy, hidden_grad, weight_grad = chunked_pass(
             *inputs, weights, chunk_size, needs_gradients, labels, compile, ce_weights, matmul_dtype
@@ -240,31 +246,28 @@ class _FusedLinearDivergence(torch.autograd.Function):
         return (
             hidden_grad.to(student_hidden.dtype) if ctx.needs_input_grad[0] else None,
             weight_grad.to(student_weight.dtype) if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 
 def check_fused_inputs(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    targets: Targets,
     temperature: float | Tensor,
     chunk_size: int,
     labels: Tensor | None,
     ce_weights: Tensor | None,
 ) -> None:
-    """Raise ``ValueError`` naming the first input of ``fused_linear_divergence`` that does not fit."""
+    """Raise ``ValueError`` naming the first input of ``fused_divergence`` that does not fit."""
     vocab = student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
+    if targets.vocab_size != vocab:
         raise ValueError(
             f"vocabulary sizes differ: the student lm_head has {vocab} rows, the teacher's "
-            f"{teacher_weight.shape[0]}; slice both to the shared tokenizer size"
+            f"{targets.vocab_size}; slice both to the shared tokenizer size"
         )
-    if len(teacher_hidden) != len(student_hidden):
-        raise ValueError(
-            f"student and teacher hidden states must cover the same tokens: {len(student_hidden)} vs {len(teacher_hidden)}"
-        )
+    if len(targets) != len(student_hidden):
+        raise ValueError(f"student and teacher must cover the same tokens: {len(student_hidden)} vs {len(targets)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if ce_weights is not None and labels is None:
@@ -272,12 +275,11 @@ def check_fused_inputs(
     check_temperature(temperature)
 
 
-def fused_linear_divergence(
+def fused_divergence(
     divergence: Divergence,
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    targets: Targets,
     temperature: float | Tensor = 1.0,
     chunk_size: int = 1024,
     weights: Tensor | None = None,
@@ -286,12 +288,14 @@ def fused_linear_divergence(
     ce_weights: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
+    """D between the teacher's side (``targets``) and ``student_hidden @ student_weight.T``
     per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
 
     Args:
-        student_hidden: ``[N, Hs]``; student_weight: ``[V, Hs]`` (the lm_head weight);
-        teacher_hidden: ``[N, Ht]``; teacher_weight: ``[V, Ht]`` (no gradient); temperature: a float or ``[N]``.
+        student_hidden: ``[N, Hs]``; student_weight: ``[V, Hs]`` (the lm_head weight).
+        targets: ``LinearTargets`` (the teacher's hidden states and lm_head weight: D over
+            the vocabulary) or ``TopKTargets`` (its top-K log-probabilities: D over K + 1
+            outcomes); no gradient. temperature: a float or ``[N]``.
         weights: ``[N]``, optional: the weights the caller will apply to D (e.g. τ²) —
             the gradients are then ready after the forward pass. Tokens of zero weight
             (and zero ce weight) are skipped entirely (D = 0, no gradient).
@@ -310,15 +314,31 @@ def fused_linear_divergence(
 
     Differentiable with respect to ``student_hidden`` and ``student_weight`` (see above).
     """
-    check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, chunk_size, labels, ce_weights)
+    check_fused_inputs(student_hidden, student_weight, targets, temperature, chunk_size, labels, ce_weights)
     tokens, device = len(student_hidden), student_hidden.device
-    dtype = compute_dtype(student_weight, teacher_weight)
+    dtype = compute_dtype(student_weight, targets)
     temperature = torch.as_tensor(temperature, dtype=dtype, device=device).expand(tokens).contiguous()
     weights = torch.ones(tokens, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
     if ce_weights is not None:
         ce_weights = ce_weights.detach().to(dtype).expand(tokens).contiguous()
-    values, cross_entropy = _FusedLinearDivergence.apply(
-        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-        divergence, temperature, weights, chunk_size, labels, compile, ce_weights, matmul_dtype,
+    values, cross_entropy = _FusedDivergence.apply(
+        student_hidden, student_weight, targets.detach(), divergence, temperature, weights, chunk_size, labels, compile,
+        ce_weights, matmul_dtype,
     )
     return values if labels is None else (values, cross_entropy)
+
+
+def fused_linear_divergence(
+    divergence: Divergence,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *args,
+    **kwargs,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, τ)``
+    per token, chunk by chunk, never holding more than ``chunk_size × V`` logits: the
+    ``fused_divergence`` of ``LinearTargets(teacher_hidden, teacher_weight)``, with the same
+    further arguments (temperature, chunk_size, weights, labels, compile, ce_weights, matmul_dtype)."""
+    return fused_divergence(divergence, student_hidden, student_weight, LinearTargets(teacher_hidden, teacher_weight), *args, **kwargs)
