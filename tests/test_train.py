@@ -199,14 +199,17 @@ def test_non_positive_temperature_exits_non_zero(tmp_path):
     assert run.returncode != 0 and "temperature must be finite and > 0" in run.stderr
 
 
-def test_multirun_gives_one_directory_per_job(tmp_path):
+def test_multirun_gives_one_flat_directory_per_job(tmp_path):
+    """A path value names a job's directory by its last component, never nests it."""
     run = kd_train(
-        "-m", "model=tiny", "trainer.max_steps=1", "divergence=fkl,rkl", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path
+        "-m", "model=tiny", "trainer.max_steps=1", "divergence=fkl,rkl", f"export.dir={tmp_path / 'exports' / 'student'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = sorted(path.name for path in (tmp_path / "sweep").iterdir() if path.is_dir())
-    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_")
-    assert "divergence=fkl" in jobs[0] and "divergence=rkl" in jobs[1]
+    assert jobs == [
+        f"{number}_divergence={name},export.dir=student,model=tiny,trainer.max_steps=1" for number, name in enumerate(["fkl", "rkl"])
+    ]
     for job in jobs:
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
 
