@@ -58,14 +58,19 @@ class SampleAnswers(L.Callback):
         self.teacher_answers: list[str] = []
         self.wandb_rows: list[list] = []
         self.last_sampled_step: int | None = None
-        self.seconds = 0.0
+        self.samplings = 0
+        self.seconds = 0.0  # spent generating, teacher and student
 
     def answers(self, model: nn.Module, tokenizer) -> list[str]:
-        """``model``'s greedy answers to the prompts (every process steps along under FSDP)."""
-        return generate(
+        """``model``'s greedy answers to the prompts (every process steps along under FSDP);
+        the time it takes is added to ``seconds``."""
+        started = time.perf_counter()
+        answers = generate(
             model, tokenizer, self.prompts, self.max_new_tokens, progress=False,
             do_sample=False, synced_gpus=isinstance(model, FSDPModule),
         )
+        self.seconds += time.perf_counter() - started
+        return answers
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokenizer = trainer.datamodule.tokenizer
@@ -87,17 +92,15 @@ class SampleAnswers(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.sample(trainer, pl_module)
-        log.info("sample answers: %.1f s of generation in this run", self.seconds)
+        log.info("sample answers: %.1f s generating (the student %d times, a live teacher once)", self.seconds, self.samplings)
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The student's answers at this step, with the teacher's, written as rows (once a step)."""
         step = trainer.global_step
         if step == self.last_sampled_step:
             return
-        self.last_sampled_step = step
-        started = time.perf_counter()
+        self.last_sampled_step, self.samplings = step, self.samplings + 1
         student_answers = self.answers(pl_module.student, trainer.datamodule.tokenizer)
-        self.seconds += time.perf_counter() - started
         if not trainer.is_global_zero:
             return
         temperature = round(float(pl_module.temperature), 6)
