@@ -23,13 +23,26 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from kd_lightning.safe_checkpoints import load_checkpoint
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one is intact."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves replace the old file only once the new one is complete."""
+    """``TorchCheckpointIO`` whose saves replace the old file only once the new one is
+    complete, and whose loads (a resumed run) read weights and plain values only, unless
+    ``trust_checkpoint`` (``kd_lightning.safe_checkpoints``)."""
+
+    def __init__(self, trust_checkpoint: bool = False):
+        super().__init__()
+        self.trust_checkpoint = trust_checkpoint
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint(path, trust=self.trust_checkpoint, map_location=map_location or "cpu")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:

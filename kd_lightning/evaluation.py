@@ -25,6 +25,7 @@ from kd_lightning.cli import reported_errors
 from kd_lightning.data.datamodule import format_prompt, load_json_lines, resolve_data_path
 from kd_lightning.generation import sample_continuations
 from kd_lightning.runs import ROLES, describe_run, load_run, run_directory
+from kd_lightning.safe_checkpoints import TRUST_CHECKPOINT_HELP
 
 EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
 CSV_COLUMNS = ("divergence", "temperature", "selection", "seed", "dataset", "rouge_l", "decoding")
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, help="CSV to append rows to (default: RUN/rouge.csv)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_CHECKPOINT_HELP)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     with reported_errors("kd-eval", args.debug):
-        tokenizer, model, cfg = load_run(args.run, args.role)
+        tokenizer, model, cfg = load_run(args.run, args.role, trust_checkpoint=args.trust_checkpoint)
         out = args.out or run_directory(args.run) / "rouge.csv"
         new_file = not out.is_file()
         with out.open("a", newline="") as handle:

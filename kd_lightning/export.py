@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning.cli import reported_errors
 from kd_lightning.constants import PLAIN_TEMPLATE
 from kd_lightning.runs import describe_run, load_run, run_directory
+from kd_lightning.safe_checkpoints import TRUST_CHECKPOINT_HELP
 
 
 def run_settings(cfg: DictConfig) -> dict[str, str]:
@@ -125,11 +126,12 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def export(path: Path, out_dir: Path, adapters_only: bool = False) -> Path:
+def export(path: Path, out_dir: Path, adapters_only: bool = False, trust_checkpoint: bool = False) -> Path:
     """The student of a run directory or checkpoint as a Hugging Face model directory; a
     LoRA student with its adapters merged into its weights, or (``adapters_only``) as a
-    peft adapter directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
-    tokenizer, student, cfg = load_run(path, "student")
+    peft adapter directory (``adapter_config.json``, ``adapter_model.safetensors``). The
+    checkpoint is read restricted to weights and plain values unless ``trust_checkpoint``."""
+    tokenizer, student, cfg = load_run(path, "student", trust_checkpoint=trust_checkpoint)
     if adapters_only and not is_lora(student):
         raise ValueError(f"{path} trained the whole student, not LoRA adapters (model.lora.r was 0): export it without --adapters-only")
     if is_lora(student) and not adapters_only:
@@ -173,10 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--adapters-only", action="store_true", help="a LoRA student's adapter directory (peft), not the merged model"
     )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_CHECKPOINT_HELP)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     with reported_errors("kd-export", args.debug):
-        print(f"student exported to {export(args.checkpoint, args.out_dir, args.adapters_only)}")
+        exported = export(args.checkpoint, args.out_dir, args.adapters_only, args.trust_checkpoint)
+        print(f"student exported to {exported}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from kd_lightning.models import add_lora, build_student, frozen
+from kd_lightning.safe_checkpoints import check_checkpoint, load_checkpoint
 
 ROLES = ("student", "teacher", "student-init")
 #: the config groups kd-eval and kd-export read
@@ -45,17 +45,19 @@ def run_config(path: Path) -> DictConfig:
     return cfg
 
 
-def checkpoint_state(checkpoint: Path) -> dict:
+def checkpoint_state(checkpoint: Path, trust: bool = False) -> dict:
     """The module state dict of a checkpoint: a single file, or the directory of a
-    distributed (FSDP) checkpoint, whose shards are gathered into one state dict."""
+    distributed (FSDP) checkpoint, whose shards are gathered into one state dict. Read
+    restricted to weights and plain values unless ``trust`` (``safe_checkpoints``)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    check_checkpoint(checkpoint, trust)  # before torch.distributed.checkpoint unpickles its index
     if checkpoint.is_dir():
         with tempfile.TemporaryDirectory() as scratch:
             dcp_to_torch_save(checkpoint, Path(scratch) / "checkpoint.pt")
-            return torch.load(Path(scratch) / "checkpoint.pt", map_location="cpu", weights_only=False)["state_dict"]
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            return load_checkpoint(Path(scratch) / "checkpoint.pt", trust)["state_dict"]
+    return load_checkpoint(checkpoint, trust)["state_dict"]
 
 
 def describe_run(cfg: DictConfig) -> dict:
@@ -75,11 +77,12 @@ def describe_run(cfg: DictConfig) -> dict:
     }
 
 
-def load_run(path: Path, role: str = "student") -> tuple:
+def load_run(path: Path, role: str = "student", trust_checkpoint: bool = False) -> tuple:
     """The tokenizer, the model of ``role`` and the config of a run, from its directory
     (its ``checkpoints/last.ckpt``) or one of its checkpoints. ``student-init`` is the
     student as the run built it, before training; the teacher is rebuilt from its source.
-    Only that role is built (and the teacher's weights only for a student copied from them)."""
+    Only that role is built (and the teacher's weights only for a student copied from them).
+    The checkpoint is read restricted to weights and plain values unless ``trust_checkpoint``."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     path = Path(path)
@@ -97,7 +100,7 @@ def load_run(path: Path, role: str = "student") -> tuple:
         student = add_lora(student, **lora)
     if role == "student":
         checkpoint = path if path != run_directory(path) else path / "checkpoints" / "last.ckpt"
-        load_trained_weights(student, checkpoint_state(checkpoint))
+        load_trained_weights(student, checkpoint_state(checkpoint, trust_checkpoint))
     return instantiate(cfg.model.tokenizer), student, cfg
 
 

@@ -14,6 +14,8 @@ import shutil
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
+from kd_lightning.safe_checkpoints import check_checkpoint
+
 
 class _ShardedSpawnLauncher(_MultiProcessingLauncher):
     """Sends rank 0's metrics and trainer state back to the main process, not its weights:
@@ -28,7 +30,17 @@ class _ShardedSpawnLauncher(_MultiProcessingLauncher):
 
 
 class SpawnedModelParallelStrategy(ModelParallelStrategy):
-    """FSDP2 (``fully_shard``) over ``data_parallel_size`` spawned processes."""
+    """FSDP2 (``fully_shard``) over ``data_parallel_size`` spawned processes. A checkpoint
+    it resumes from is first checked to hold weights and plain values only, unless
+    ``trust_checkpoint`` (``kd_lightning.safe_checkpoints``)."""
+
+    def __init__(self, *args, trust_checkpoint: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trust_checkpoint = trust_checkpoint
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        check_checkpoint(checkpoint_path, self.trust_checkpoint)
+        return super().load_checkpoint(checkpoint_path, weights_only=not self.trust_checkpoint)
 
     def _configure_launcher(self) -> None:
         """Spawn the processes, unless a cluster (SLURM, torchrun) has started them."""
