@@ -45,8 +45,15 @@ class StepTimer(L.Callback):
 
 
 def run(policy_overrides: list[str], steps: int, out_dir: Path) -> tuple[float, pd.DataFrame]:
+    seconds, trainer = timed_fit(policy_overrides, steps, out_dir)
+    return seconds, pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+
+
+def timed_fit(extra_overrides: list[str], steps: int, out_dir: Path) -> tuple[float, L.Trainer]:
+    """``steps`` steps of the default recipe with ``extra_overrides``: the mean seconds per
+    step (the first left out) and the trainer."""
     overrides = [
-        *policy_overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=0",
+        *extra_overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={out_dir}",
     ]
     with initialize_config_module("kd_lightning.conf", version_base="1.3"):
@@ -57,8 +64,7 @@ def run(policy_overrides: list[str], steps: int, out_dir: Path) -> tuple[float, 
     HydraConfig.instance().set_config(cfg)
     trainer = fit(cfg)
     timer = next(callback for callback in trainer.callbacks if isinstance(callback, StepTimer))
-    seconds = sum(timer.seconds[1:]) / len(timer.seconds[1:])
-    return seconds, pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    return sum(timer.seconds[1:]) / len(timer.seconds[1:]), trainer
 
 
 def main() -> None:

@@ -72,11 +72,15 @@ class SampleAnswers(L.Callback):
         self.seconds += time.perf_counter() - started
         return answers
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tokenizer = trainer.datamodule.tokenizer
+    def load_prompts(self, tokenizer) -> None:
+        """The first ``num_prompts`` records of ``dataset``: their instructions, and the prompts the models read."""
         records = eval_records(self.dataset, self.num_prompts)
         self.instructions = [f"{record['instruction']}\n\n{record.get('input') or ''}".strip() for record in records]
         self.prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokenizer = trainer.datamodule.tokenizer
+        self.load_prompts(tokenizer)
         if hasattr(pl_module.teacher, "generate"):
             self.teacher_answers = self.answers(pl_module.teacher, tokenizer)
         else:
