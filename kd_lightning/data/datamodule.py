@@ -12,158 +12,36 @@ Formats (detected from the first record, in this order):
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from kd_lightning.constants import IGNORE_INDEX, PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
-from kd_lightning.models import cached_snapshot
+from kd_lightning.data.records import (  # noqa: F401 (load_json_lines, read_json_lines: imported from here elsewhere)
+    FORMATS,
+    SHIPPED,
+    check_record,
+    detect_format,
+    load_json_lines,
+    located_records,
+    read_json_lines,
+    resolve_data_path,
+)
 
 log = logging.getLogger(__name__)
-
-FILES = Path(__file__).parent / "files"
-#: the data shipped with the package (see files/README.md for sources and licenses)
-SHIPPED = {
-    "dolly": FILES / "dolly" / "train.jsonl.gz",
-    "dolly-test": FILES / "dolly" / "test.jsonl.gz",
-    "self-inst": FILES / "self-inst" / "test.jsonl.gz",
-    "vicuna": FILES / "vicuna" / "test.jsonl.gz",
-}
-
 
 def counted_positions(labels: Tensor) -> Tensor:
     """``[B, T − 1]`` bool: the positions whose next token is a counted label (position i
     predicts token i + 1, as in Hugging Face): the positions a distillation loss uses."""
     return labels[:, 1:] != IGNORE_INDEX
-
-
-#: the record formats, detected in this order: their fields, then optional fields
-FORMATS = {
-    "messages": (("messages",), ()),
-    "prompt/completion": (("prompt", "completion"), ()),
-    "instruction/input/output": (("instruction", "output"), ("input",)),
-}
-
-
-def resolve_data_path(path: str | Path) -> Path:
-    """A shipped data set name (``dolly``, ``dolly-test``, ``self-inst``, ``vicuna``), a
-    file, a directory (``save_to_disk``, or data files), or the local snapshot of a hub
-    data set in the Hugging Face cache (never downloaded)."""
-    resolved = SHIPPED.get(str(path), Path(path))
-    if resolved.exists():
-        return resolved
-    snapshot = cached_snapshot(str(path), repo_type="dataset")
-    if snapshot is None:
-        raise FileNotFoundError(
-            f"no data file {str(path)!r}: give a JSON Lines file, a directory written by "
-            "datasets.Dataset.save_to_disk, a hub data set in the local Hugging Face cache "
-            f"(fetch it first, e.g. `hf download --repo-type dataset NAME`), or one of: {', '.join(SHIPPED)}"
-        )
-    return Path(snapshot)
-
-
-def read_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, record)`` for each non-blank line of a JSON Lines file (plain or
-    .gz); a line that is not a JSON object is an error naming the file and the line."""
-    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not JSON ({error.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object with fields")
-            yield number, record
-
-
-def load_json_lines(path: Path) -> Dataset:
-    """The records of a JSON Lines file (plain or .gz); an empty file gives an empty dataset."""
-    return Dataset.from_list([record for _, record in read_json_lines(path)])
-
-
-def located_records(path: Path, split: str) -> Iterator[tuple[str, dict]]:
-    """``(location, record)`` of every record at ``path`` (see ``resolve_data_path``): the
-    location names the file and line, or the data set and row (``DIR[row]``, from 0)."""
-    if path.is_file():
-        yield from ((f"{path}, line {number}", record) for number, record in read_json_lines(path))
-        return
-    is_saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-    dataset = load_from_disk(str(path)) if is_saved else load_dataset(str(path), split=split)
-    if isinstance(dataset, DatasetDict):
-        if split not in dataset:
-            raise ValueError(f"{path} has no split {split!r}; its splits: {', '.join(dataset)} (set data.split)")
-        dataset = dataset[split]
-    yield from ((f"{path}[{index}]", record) for index, record in enumerate(dataset))
-
-
-def detect_format(record: dict, location: str, columns: Mapping[str, str]) -> str:
-    """The format of ``record`` (see ``FORMATS``), its fields renamed by ``columns``: the
-    first whose required fields are all there, else the first whose leading field is (so
-    that ``check_record`` names the missing one)."""
-    present = {name: [columns.get(field, field) in record for field in fields] for name, (fields, _) in FORMATS.items()}
-    for complete in (all, lambda found: found[0]):
-        for name, found in present.items():
-            if complete(found):
-                return name
-    expected = "; ".join(" + ".join(fields) for fields, _ in FORMATS.values())
-    raise ValueError(
-        f"{location}: no known record format in its fields {sorted(record)}; expected {expected}, "
-        "or map your names with data.columns (e.g. data.columns.prompt=question data.columns.completion=answer)"
-    )
-
-
-def check_record(record: dict, format: str, location: str, columns: Mapping[str, str]) -> dict:
-    """The fields of ``format`` from ``record`` under their standard names, after checking
-    them; a missing or mistyped field is an error naming ``location`` and the field."""
-    fields, optional = FORMATS[format]
-    checked = {}
-    for field in (*fields, *optional):
-        name = columns.get(field, field)
-        value = record.get(name)
-        if value is None and field in optional:
-            value = ""
-        elif value is None:
-            raise ValueError(f"{location}: field {name!r} is missing (this data is in the {format} format)")
-        elif field == "messages":
-            value = check_messages(value, location, name)
-        elif not isinstance(value, str):
-            raise ValueError(f"{location}: field {name!r} must be a string, got {type(value).__name__}")
-        checked[field] = value
-    return checked
-
-
-def check_messages(messages, location: str, name: str) -> list[dict]:
-    """A conversation: a non-empty list of ``{"role", "content"}`` with string values and
-    at least one assistant turn."""
-    if not isinstance(messages, list):
-        raise ValueError(f"{location}: field {name!r} must be a list of {{role, content}} turns, got {type(messages).__name__}")
-    if not messages:
-        raise ValueError(f"{location}: field {name!r} is an empty conversation")
-    turns = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"{location}: field {name}[{index}] must be a {{role, content}} turn, got {type(message).__name__}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                problem = "is missing" if message.get(key) is None else f"must be a string, got {type(message[key]).__name__}"
-                raise ValueError(f"{location}: field {name}[{index}].{key} {problem}")
-        turns.append({"role": message["role"], "content": message["content"]})
-    if not any(turn["role"] == "assistant" for turn in turns):
-        roles = ", ".join(sorted({turn["role"] for turn in turns}))
-        raise ValueError(f"{location}: field {name!r} has no assistant turn (roles: {roles}): nothing to distil")
-    return turns
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, input: str = "") -> str:
