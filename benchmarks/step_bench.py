@@ -189,7 +189,7 @@ def kd_case(case: str, args, data_file: Path, run_dir: Path) -> None:
     overrides = base_overrides(args, data_file, run_dir) + KD_CASES[case]
     if case == "kd-teacher-cache":
         cache_dir = run_dir / "teacher_cache"
-        subprocess.run([sys.executable, "-m", "kd_lightning.cache", *overrides, f"teacher_cache={cache_dir}"], check=True)
+        subprocess.run([sys.executable, "-m", "kd_lightning.cache_build", *overrides, f"teacher_cache={cache_dir}"], check=True)
         overrides.append(f"teacher_cache={cache_dir}")
     cfg = compose(overrides, run_dir)
     with open_dict(cfg):

@@ -32,7 +32,8 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from kd_lightning import DistillationModule
-from kd_lightning.cache import CachedTeacher, TeacherCacheWriter, run_fingerprint
+from kd_lightning.cache import CachedTeacher, TeacherCacheWriter
+from kd_lightning.cache_build import run_fingerprint
 from kd_lightning.data.datamodule import counted_positions
 
 RESULTS = Path(__file__).parent / "results"

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
-from kd_lightning.cache import CachedTeacher
+from kd_lightning.cache import StoredTeacher
 from kd_lightning.heads import LmHeads, counted_states
 from kd_lightning.models import local_parameter_bytes
 
@@ -62,8 +62,8 @@ def print_parameter_memory(module) -> None:
     FSDP); printed, not logged: spawned processes do not inherit Hydra's logging set-up."""
     sizes = {role: local_parameter_bytes(getattr(module, role)) / 2**20 for role in ("teacher", "student")}
     saved = ""
-    if isinstance(module.teacher, CachedTeacher):
-        saved = f" (its lm_head: the cache saves {module.teacher.live_parameter_bytes / 2**20 - sizes['teacher']:.1f} MiB)"
+    if isinstance(module.teacher, StoredTeacher):
+        saved = f" (read from a cache: the cache saves {module.teacher.live_parameter_bytes / 2**20 - sizes['teacher']:.1f} MiB)"
     print(
         f"process {module.global_rank} of {module.world_size()} holds {sizes['teacher']:.1f} MiB of teacher{saved} "
         f"and {sizes['student']:.1f} MiB of student parameters",

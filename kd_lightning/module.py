@@ -14,7 +14,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import get_scheduler
 
 from kd_lightning import losses
-from kd_lightning.cache import CachedTeacher
+from kd_lightning.cache import StoredTeacher
 from kd_lightning.checkpoints import drop_teacher_weights, ignore_missing_teacher
 from kd_lightning.diagnostics import non_finite_loss_message, print_parameter_memory
 from kd_lightning.frozen_teacher import hide_frozen_teacher_warning, remove_warning_filter
@@ -157,7 +157,7 @@ class DistillationModule(L.LightningModule):
             self.student.gradient_checkpointing_enable()
         if self._device_mesh is not None and not isinstance(self.student, FSDPModule):
             shard_by_layer(self.student, self._device_mesh["data_parallel"])
-            if self.teacher_placement != "replicated" and not isinstance(self.teacher, CachedTeacher):
+            if self.teacher_placement != "replicated" and not isinstance(self.teacher, StoredTeacher):
                 shard_teacher(self.teacher, self._device_mesh, offload=self.teacher_placement == "offloaded")
 
     def train(self, mode: bool = True) -> DistillationModule:

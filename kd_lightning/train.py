@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.cache import CachedTeacher, run_fingerprint
+from kd_lightning.cache import open_cache
+from kd_lightning.cache_build import run_fingerprint
 from kd_lightning.cli import compact_errors
 from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
 from kd_lightning.precision import Float32MatmulsForBf16, cpu_has_bf16
@@ -44,7 +45,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
         check_cacheable(cfg)
         if copies_teacher(student):  # built from the live teacher, which is freed before training
             student = partial(build_student, student, teacher)
-        teacher = partial(CachedTeacher, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
+        teacher = partial(open_cache, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
     module = instantiate(
         cfg.module,
         student=student,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_lightning import DistillationModule, InstructionDataModule, cache
+from kd_lightning import DistillationModule, InstructionDataModule, cache, cache_build
 from kd_lightning.cache import CachedTeacher, CacheError, TeacherCacheWriter
 from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing
 from kd_lightning.data.datamodule import counted_positions
@@ -160,7 +160,7 @@ TINY_RUN = ["model=tiny", "divergence=rkl", "trainer.max_steps=4", "trainer.val_
 def tiny_cache(tmp_path_factory):
     """``kd-cache`` of the tiny model's examples, built once for this file's runs."""
     directory = tmp_path_factory.mktemp("tiny_cache")
-    built = kd("cache", *TINY_RUN, f"teacher_cache={directory / 'cache'}", f"hydra.run.dir={directory / 'build'}", cwd=directory)
+    built = kd("cache_build", *TINY_RUN, f"teacher_cache={directory / 'cache'}", f"hydra.run.dir={directory / 'build'}", cwd=directory)
     assert built.returncode == 0, built.stderr[-2000:]
     return directory / "cache"
 
@@ -202,7 +202,7 @@ def test_the_fingerprint_names_the_data_file_and_its_content(tokenizer, tmp_path
     cfg = compose_config(tmp_path, "model=tiny", f"data.path={data}")
 
     def fingerprint():
-        return cache.run_fingerprint(cfg, tokenizer, InstructionDataModule(tokenizer, path=data))
+        return cache_build.run_fingerprint(cfg, tokenizer, InstructionDataModule(tokenizer, path=data))
 
     before = fingerprint()
     data.write_text(data.read_text().replace("Say 3.", "Say three."))
@@ -215,3 +215,22 @@ def test_two_ddp_processes_read_the_cache(tiny_cache, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("the cache saves") == 2
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_cache_being_built_is_refused_to_a_second_builder_and_to_readers(tiny_cache, tmp_path):
+    """While a kd-cache holds the directory's lock, another kd-cache and kd-train are refused,
+    naming the process that builds it."""
+    import os
+
+    from test_train import compose_config
+
+    from kd_lightning.cache_build import build
+    from kd_lightning.locking import DirectoryLockedError, directory_lock
+
+    cfg = compose_config(tmp_path, *TINY_RUN, f"teacher_cache={tiny_cache}")
+    with directory_lock(tiny_cache, command="kd-cache model=tiny"):
+        with pytest.raises(DirectoryLockedError, match=f"being built by .*{os.getpid()}.*Wait for that build to finish"):
+            build(cfg)
+        with pytest.raises(DirectoryLockedError, match="cannot train from .* being built"):
+            CachedTeacher(tiny_cache)
+    CachedTeacher(tiny_cache)  # the lock is gone with the build

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kd_lightning.losses.base import Divergence, check_temperature, compute_dtype, hellinger
-from kd_lightning.losses.targets import LinearTargets, TopKTargets
+from kd_lightning.losses.targets import LinearTargets, TopKTargets, check_top_k_divergence
 
 Targets = LinearTargets | TopKTargets
 
@@ -288,10 +288,8 @@ def fused_divergence(
     ce_weights: Tensor | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """D between the teacher's side (``targets``) and ``student_hidden @ student_weight.T``
-    per token, ``[N]`` float32, computed ``chunk_size`` tokens at a time.
-
-    Args:
+    """D between ``targets`` and ``student_hidden @ student_weight.T`` per token, ``[N]``
+    float32, computed ``chunk_size`` tokens at a time. Args:
         student_hidden: ``[N, Hs]``; student_weight: ``[V, Hs]`` (the lm_head weight).
         targets: ``LinearTargets`` (the teacher's hidden states and lm_head weight: D over
             the vocabulary) or ``TopKTargets`` (its top-K log-probabilities: D over K + 1
@@ -303,11 +301,9 @@ def fused_divergence(
             back too, as ``(D, cross_entropy)``, from the same pass (without gradient
             unless ``ce_weights`` is given).
         compile: fuse each chunk's passes over the vocabulary with ``torch.compile`` (faster; the first call compiles).
-        ce_weights: ``[N]``, optional, with ``labels``: the weights the caller will apply
-            to the cross-entropy, which is then differentiable; its logit gradient
-            ``softmax(z) − onehot(label)`` joins the divergence's in the same chunk, so
-            ``Σ weights·D + Σ ce_weights·CE`` never builds the full logits either. Tokens
-            of zero weight but nonzero ce weight get their D computed too.
+        ce_weights: ``[N]``, optional, with ``labels``: the weights the caller will apply to
+            the cross-entropy, then differentiable; its logit gradient joins the divergence's
+            in the same chunk. Tokens of zero weight but nonzero ce weight get their D too.
         matmul_dtype: e.g. ``torch.bfloat16``: the logit and gradient matmuls in that
             dtype (fast on CPUs with bf16 matrix units and on GPUs), with float32
             accumulators and float32 elementwise work; gradients keep the inputs' dtypes.
@@ -315,6 +311,8 @@ def fused_divergence(
     Differentiable with respect to ``student_hidden`` and ``student_weight`` (see above).
     """
     check_fused_inputs(student_hidden, student_weight, targets, temperature, chunk_size, labels, ce_weights)
+    if isinstance(targets, TopKTargets):
+        check_top_k_divergence(divergence)
     tokens, device = len(student_hidden), student_hidden.device
     dtype = compute_dtype(student_weight, targets)
     temperature = torch.as_tensor(temperature, dtype=dtype, device=device).expand(tokens).contiguous()

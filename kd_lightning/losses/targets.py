@@ -148,3 +148,13 @@ class TopKTargets:
         rest_logits = student_logits.scatter(-1, ids, -torch.inf)
         gradient = torch.softmax(rest_logits, -1) * outcome_gradient[..., -1:]
         return gradient.scatter(-1, ids, top_gradient)
+
+
+def check_top_k_divergence(divergence) -> None:
+    """Raise ``ValueError`` for a divergence that top-k targets cannot serve: CSD's uniform
+    weighting weighs each vocabulary entry alike, which K + 1 outcomes do not have."""
+    if getattr(divergence, "weighting", None) == "us":
+        raise ValueError(
+            "divergence.weighting=us (csd) weighs all V vocabulary entries alike, but a top-k teacher cache has "
+            "K + 1 outcomes: use divergence.weighting=ss, ts or mix, or an exact cache (cache.format=exact)"
+        )
