@@ -45,6 +45,8 @@ from kd_lightning.precision import cpu_bf16_matmuls
 from kd_lightning.runs import load_run, run_config
 
 SEEDS = (0, 1, 2)
+#: K of the top-k arm: the smallest K of benchmarks/results/topk_cache_cpu.md whose FKL loss error is under 1%
+TOP_K = 32
 #: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
 PILOT = {"pilot-ce-lr5e-4": ["module.ce_weight=1", "module.optimizer.lr=5.0e-4"]}
 #: name → (group, kd-train overrides); the core arms run first, for every seed
@@ -58,9 +60,13 @@ ARMS = {
     "rkl-tau4": ("temperature", ["divergence=rkl", "temperature=4"]),
     "csd-ts-tau1": ("csd", ["divergence=csd", "divergence.weighting=ts", "temperature=1"]),
     "rkl-adakd-tau1": ("adakd", ["divergence=rkl", "selection=adakd", "temperature=1"]),
+    f"fkl-top{TOP_K}-tau1": ("topk", ["divergence=fkl", "temperature=1"]),
 }
+GROUPS = ("core", "temperature", "csd", "adakd", "topk")
+#: group → the teacher cache its arms train from (a directory of --cache) and how kd-cache builds it
+CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP_K}"])}
 EVAL_PROMPTS = 100
-COLUMNS = ("divergence", "temperature", "selection", "seed", "examples", "metric", "dataset", "value")
+COLUMNS = ("divergence", "temperature", "selection", "teacher_outputs", "seed", "examples", "metric", "dataset", "value")
 
 
 def sh(*command: str) -> None:
@@ -68,9 +74,12 @@ def sh(*command: str) -> None:
     subprocess.run(command, check=True)
 
 
-def build_caches(cache: Path, extra: list[str]) -> None:
-    """The teacher's states for the training data and for Dolly test (at 512 tokens)."""
+def build_caches(cache: Path, extra: list[str], groups: list[str]) -> None:
+    """The teacher's states for the training data and for Dolly test (at 512 tokens), and
+    the other caches the ``groups`` train from."""
     sh("kd-cache", "experiment=study", *extra, f"teacher_cache={cache / 'train'}", f"hydra.run.dir={cache / 'train-log'}")
+    for name, overrides in (CACHES[group] for group in groups if group in CACHES):
+        sh("kd-cache", "experiment=study", *overrides, *extra, f"teacher_cache={cache / name}", f"hydra.run.dir={cache / f'{name}-log'}")
     sh(
         "kd-cache", "experiment=study", *extra, "data.path=dolly-test", "data.val_size=0", "data.max_train_examples=null",
         "data.max_length=512", f"teacher_cache={cache / 'dolly-test'}", f"hydra.run.dir={cache / 'dolly-test-log'}",
@@ -173,6 +182,8 @@ def evaluate_baselines(run_dir: Path, args) -> None:
 
 def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     rows = [row for path in sorted(rows_dir.glob(f"{pattern}.csv")) for row in csv.DictReader(path.open())]
+    for row in rows:  # rows written before top-k caches existed came from the exact one
+        row["teacher_outputs"] = row.get("teacher_outputs") or "exact"
     if not rows:  # e.g. no pilot run among these rows: no empty table
         return
     with open(table, "w", newline="") as handle:
@@ -185,10 +196,12 @@ def collect(rows_dir: Path, table: Path, pattern: str) -> None:
 def description(arm: str, seed: int, examples: int) -> dict:
     overrides = dict(item.split("=", 1) for item in ARMS[arm][1]) if arm in ARMS else {}
     divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
+    cache = dict(item.split("=", 1) for item in CACHES[ARMS[arm][0]][1]) if arm in ARMS and ARMS[arm][0] in CACHES else {}
     return {
         "divergence": divergence,
         "temperature": overrides.get("temperature", ""),
         "selection": overrides.get("selection", "none"),
+        "teacher_outputs": f"top-{cache['cache.top_k']}" if cache.get("cache.format") == "topk" else "exact",
         "seed": seed,
         "examples": examples,
     }
@@ -199,7 +212,7 @@ def plan(groups: list[str]) -> list[tuple[str, int, list[str]]]:
     runs = []
     if "pilot" in groups:
         runs += [("ce", 0, ARMS["ce"][1])] + [(name, 0, overrides) for name, overrides in PILOT.items()]
-    for group in ("core", "temperature", "csd", "adakd"):
+    for group in GROUPS:
         if group in groups:
             runs += [(arm, seed, overrides) for seed in SEEDS for arm, (arm_group, overrides) in ARMS.items() if arm_group == group]
     return list({(arm, seed): (arm, seed, overrides) for arm, seed, overrides in runs}.values())  # ce-seed0 once
@@ -211,20 +224,22 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/study-cache"))
     parser.add_argument("--rows", type=Path, default=Path("results/study_runs"), help="one CSV per evaluated run")
     parser.add_argument("--table", type=Path, default=Path("results/study.csv"))
-    parser.add_argument("--only", choices=["pilot", "core", "temperature", "csd", "adakd"], nargs="+")
+    parser.add_argument("--only", choices=["pilot", *GROUPS], nargs="+")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
     parser.add_argument("--overrides", nargs="*", default=[], help="for every kd-train and kd-cache (a smoke run: model=tiny …)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="default: delete a run's checkpoints once evaluated")
     args = parser.parse_args()
-    build_caches(args.cache, args.overrides)
+    groups = args.only or ["pilot", *GROUPS]
+    build_caches(args.cache, args.overrides, groups)
     args.rows.mkdir(parents=True, exist_ok=True)
-    for arm, seed, overrides in plan(args.only or ["pilot", "core", "temperature", "csd", "adakd"]):
+    for arm, seed, overrides in plan(groups):
         name, run_dir = f"{arm}-seed{seed}", args.runs / f"{arm}-seed{seed}"
         rows = args.rows / f"{name}.csv"
         if not rows.exists():
             with claim(run_dir) as mine:
                 if mine:
-                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / "train")
+                    cache = CACHES[ARMS[arm][0]][0] if arm in ARMS and ARMS[arm][0] in CACHES else "train"
+                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / cache)
                     described = description(arm, seed, examples_seen(run_dir))
                     evaluate(run_dir, "student", described, args.cache / "dolly-test", rows, args.prompts)
                     if not args.keep_checkpoints:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
-from study import ARMS, COLUMNS, SEEDS, claim, collect, description, plan  # noqa: E402
+from study import ARMS, COLUMNS, SEEDS, TOP_K, claim, collect, description, plan  # noqa: E402
 
 
 def test_a_run_held_by_one_driver_is_refused_to_another_until_released(tmp_path):
@@ -29,10 +29,22 @@ def test_the_pilot_comes_first_and_the_core_runs_every_seed_before_the_other_gro
 
 def test_rows_describe_the_arm_as_the_table_columns_expect():
     assert description("rkl-adakd-tau1", 2, 2000) == {
-        "divergence": "rkl", "temperature": "1", "selection": "adakd", "seed": 2, "examples": 2000,
+        "divergence": "rkl", "temperature": "1", "selection": "adakd", "teacher_outputs": "exact", "seed": 2, "examples": 2000,
     }
+    assert description(f"fkl-top{TOP_K}-tau1", 1, 2000)["teacher_outputs"] == f"top-{TOP_K}"
     assert description("pilot-ce-lr5e-4", 0, 2000)["divergence"] == "ce"
-    assert description("teacher", 0, 0) == {"divergence": "teacher", "temperature": "", "selection": "none", "seed": 0, "examples": 0}
+    assert description("teacher", 0, 0) == {
+        "divergence": "teacher", "temperature": "", "selection": "none", "teacher_outputs": "exact", "seed": 0, "examples": 0,
+    }
+
+
+def test_rows_written_before_the_teacher_outputs_column_read_as_the_exact_cache(tmp_path):
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    old_columns = [column for column in COLUMNS if column != "teacher_outputs"]
+    (rows_dir / "fkl-tau1-seed0.csv").write_text(",".join(old_columns) + "\nfkl,1,none,0,2000,nll,dolly-test,4.5\n")
+    collect(rows_dir, tmp_path / "study.csv", "*")
+    assert (tmp_path / "study.csv").read_text().splitlines()[1] == "fkl,1,none,exact,0,2000,nll,dolly-test,4.5"
 
 
 def test_collect_joins_the_matching_runs_rows_and_writes_no_table_without_any(tmp_path):
