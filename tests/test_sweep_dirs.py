@@ -2,7 +2,7 @@
 
 import pytest
 
-from kd_lightning.sweep_dirs import job_dirname
+from kd_lightning.sweep_dirs import MAX_NAME_BYTES, job_dirname
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,14 @@ from kd_lightning.sweep_dirs import job_dirname
 )
 def test_job_dirname_has_no_slash_and_drops_excluded_keys(overrides, expected):
     assert job_dirname(overrides, exclude_keys=["ckpt_path"]) == expected
+
+
+def test_a_name_too_long_keeps_its_shortest_pairs_and_a_hash_of_the_rest():
+    settings = [f"callbacks.rouge_evaluation.setting_{number}=value" for number in range(8)]
+    name = job_dirname([*settings, "divergence=fkl", "temperature=2"])
+    other = job_dirname([*settings, "divergence=fkl", "temperature=4"])
+    assert len(name.encode()) <= MAX_NAME_BYTES and name != other
+    assert "divergence=fkl,temperature=2," in name and name.rsplit(",", 1)[1].startswith("…")
 
 
 def test_the_sweep_subdir_uses_the_flat_names(tmp_path):
