@@ -130,8 +130,8 @@ def draw_curves(runs: list[Run], plt):
         axis.set(title=f"{title} ({metric})", xlabel="step", ylabel=metric)
         if not axis.lines:
             axis.text(0.5, 0.5, "not logged\n(no validation in these runs)", ha="center", va="center", transform=axis.transAxes)
-    if axes[0].lines:
-        axes[0].legend(fontsize="small", ncol=2 if len(runs) > 8 else 1)
+    if axes[0].lines:  # beside the panels, where it hides no line
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return figure
 
 
