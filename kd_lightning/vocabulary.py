@@ -40,21 +40,22 @@ REGULAR_PIECE, BYTE_FALLBACK_PIECE, ADDED_TOKEN = 0, 1, 2
 
 
 @lru_cache(maxsize=1)
-def byte_level_decoding() -> dict[str, int]:
-    """GPT-2's byte alphabet reversed: the character standing for each byte → the byte."""
-    alphabet = {}
+def byte_level_decoding() -> dict[int, str]:
+    """A ``str.translate`` table from GPT-2's byte alphabet to the Latin-1 character of
+    each byte; any other character below U+0100 goes to U+FFFF, which Latin-1 refuses."""
     # the ByteLevel alphabet: printable bytes stand for themselves, the others are shifted
     # past U+0100 in byte order (GPT-2's bytes_to_unicode, as the tokenizers library builds it)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table = {code: "\uffff" for code in range(256) if code not in printable}
     shifted = 0
     for byte in range(256):
         if byte in printable:
-            alphabet[chr(byte)] = byte
+            table[byte] = chr(byte)
         else:
-            alphabet[chr(256 + shifted)] = byte
+            table[256 + shifted] = chr(byte)
             shifted += 1
-    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())
-    return alphabet
+    assert {chr(code) for code, value in table.items() if value != "\uffff"} == set(pre_tokenizers.ByteLevel.alphabet())
+    return table
 
 
 def decoder_description(tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -85,10 +86,9 @@ def piece_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bytes |
 
 def decode_byte_level_piece(piece: str) -> bytes | None:
     """A ByteLevel piece's bytes; ``None`` when it holds a character outside the alphabet."""
-    decoding = byte_level_decoding()
     try:
-        return bytes(decoding[character] for character in piece)
-    except KeyError:
+        return piece.translate(byte_level_decoding()).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 

@@ -79,7 +79,9 @@ def sentencepiece_tokenizer(spaces_by: str = "pre_tokenizer") -> PreTrainedToken
     learner.train_from_iterator(SENTENCES * 10, trainer)
     learned = [tuple(entry) for entry in json.loads(learner.to_str())["model"]["vocab"]]
     byte_pieces = [(f"<0x{byte:02X}>", -30.0) for byte in range(256)]
-    backend = Tokenizer(models.Unigram(learned[:3] + byte_pieces + learned[3:], unk_id=0, byte_fallback=True))
+    # whole words, as a real vocabulary holds them (the trainer keeps few from so little text)
+    words = [(f"▁{word}", -2.0) for word in ("the", "model", "answer", "student", "return", "data")]
+    backend = Tokenizer(models.Unigram(learned[:3] + byte_pieces + learned[3:] + words, unk_id=0, byte_fallback=True))
     if spaces_by == "pre_tokenizer":
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     else:
@@ -90,13 +92,41 @@ def sentencepiece_tokenizer(spaces_by: str = "pre_tokenizer") -> PreTrainedToken
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+#: name → (builder, ByteLevel?)
+TOKENIZERS = {
+    "gpt2": (lambda cache: gpt2_tokenizer(), True),
+    "llama3": (lambda cache: llama3_tokenizer(), True),
+    "smollm2": (smollm2_tokenizer, True),
+    "sentencepiece": (lambda cache: sentencepiece_tokenizer("pre_tokenizer"), False),
+    "sentencepiece_normalizer": (lambda cache: sentencepiece_tokenizer("normalizer"), False),
+}
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(request, tmp_path_factory):
+    """``real_tokenizer(name)``: the tokenizer called ``name`` (skipping the test when its
+    package is missing), built once per module; SmolLM2's kept in pytest's cache."""
+    built = {}
+    cache = getattr(request.config, "cache", None)
+
+    def load_one(name):
+        if name not in built:
+            builder, _ = TOKENIZERS[name]
+            directory = cache.mkdir("smollm2-tokenizer") if cache else tmp_path_factory.mktemp("smollm2-tokenizer")
+            built[name] = builder(directory)
+        return built[name]
+
+    return load_one
+
+
 # ---- plain references --------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
 def byte_level_characters() -> dict[str, int]:
-    """The ByteLevel character of every byte that valid UTF-8 uses, learnt by running the
-    tokenizers library's own ByteLevel pre-tokenizer over characters of known encoding."""
+    """The ByteLevel character of every byte, learnt by running the tokenizers library's
+    own ByteLevel pre-tokenizer over characters of known encoding; the bytes UTF-8 never
+    uses (C0, C1, F5–FF) are printable and stand for themselves in GPT-2's alphabet."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     learnt = {}
     for code_point in [*range(0, 0x800), *range(0x800, 0x10000, 61), *range(0x10000, 0x110000, 4099)]:
@@ -105,7 +135,9 @@ def byte_level_characters() -> dict[str, int]:
             continue
         ((mapped, _),) = byte_level.pre_tokenize_str(character)
         learnt.update(zip(mapped, character.encode("utf-8")))
-    return learnt
+    never_in_utf8 = set(pre_tokenizers.ByteLevel.alphabet()) - set(learnt)
+    assert {ord(character) for character in never_in_utf8} == {0xC0, 0xC1, *range(0xF5, 0x100)}
+    return learnt | {character: ord(character) for character in never_in_utf8}
 
 
 def reference_piece_bytes(piece: str, byte_level: bool) -> bytes:

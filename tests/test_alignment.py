@@ -6,14 +6,7 @@ import random
 
 import pytest
 import torch
-from real_tokenizers import (
-    gpt2_tokenizer,
-    llama3_tokenizer,
-    random_texts,
-    reference_spans,
-    sentencepiece_tokenizer,
-    smollm2_tokenizer,
-)
+from real_tokenizers import TOKENIZERS, random_texts, real_tokenizer, reference_spans  # noqa: F401 (real_tokenizer: a fixture)
 
 from kd_lightning.alignment import (
     AlignmentError,
@@ -24,38 +17,13 @@ from kd_lightning.alignment import (
     response_tokens,
 )
 
-#: name → (builder, ByteLevel?)
-TOKENIZERS = {
-    "gpt2": (lambda cache: gpt2_tokenizer(), True),
-    "llama3": (lambda cache: llama3_tokenizer(), True),
-    "smollm2": (smollm2_tokenizer, True),
-    "sentencepiece": (lambda cache: sentencepiece_tokenizer("pre_tokenizer"), False),
-    "sentencepiece_normalizer": (lambda cache: sentencepiece_tokenizer("normalizer"), False),
-}
 PROMPT = "<|user|>Write something.\n<|assistant|>\n"
-
-
-@pytest.fixture(scope="module")
-def load(request, tmp_path_factory):
-    """``load(name)``: the tokenizer called ``name`` (skipping the test when its package is
-    missing), built once per module; SmolLM2's kept in pytest's cache between runs."""
-    built = {}
-    cache = getattr(request.config, "cache", None)
-
-    def load_one(name):
-        if name not in built:
-            builder, _ = TOKENIZERS[name]
-            directory = cache.mkdir("smollm2-tokenizer") if cache else tmp_path_factory.mktemp("smollm2-tokenizer")
-            built[name] = builder(directory)
-        return built[name]
-
-    return load_one
 
 
 @pytest.mark.parametrize("prefix", [PROMPT, ""], ids=["after-prompt", "alone"])
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_byte_spans_are_the_bytes_each_token_stands_for(load, name, prefix):
-    tokenizer, byte_level = load(name), TOKENIZERS[name][1]
+def test_byte_spans_are_the_bytes_each_token_stands_for(real_tokenizer, name, prefix):
+    tokenizer, byte_level = real_tokenizer(name), TOKENIZERS[name][1]
     for text in random_texts(25, seed=1):
         tokens = response_tokens(tokenizer, text, prefix)
         assert tokens.byte_spans.tolist() == reference_spans(tokenizer, text, prefix, byte_level), text
@@ -63,24 +31,24 @@ def test_byte_spans_are_the_bytes_each_token_stands_for(load, name, prefix):
         assert len(tokens.response_ids) == len(tokens.byte_spans)
 
 
-def test_a_character_split_across_tokens_is_shared_out_by_its_bytes(load):
+def test_a_character_split_across_tokens_is_shared_out_by_its_bytes(real_tokenizer):
     # GPT-2 splits 世 (3 bytes) into ä¸ + ĸ and 界 into çķ + Į; offsets name the whole character
-    tokens = response_tokens(load("gpt2"), "世界", PROMPT)
+    tokens = response_tokens(real_tokenizer("gpt2"), "世界", PROMPT)
     assert tokens.byte_spans.tolist() == [[0, 2], [2, 3], [3, 5], [5, 6]]
     # byte fallback: one <0xNN> piece per byte of the emoji, after the space
-    tokens = response_tokens(load("sentencepiece"), " 🙂", PROMPT)
+    tokens = response_tokens(real_tokenizer("sentencepiece"), " 🙂", PROMPT)
     assert tokens.byte_spans.tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]
 
 
-def test_sentencepiece_virtual_space_takes_no_bytes(load):
-    tokenizer = load("sentencepiece")
+def test_sentencepiece_virtual_space_takes_no_bytes(real_tokenizer):
+    tokenizer = real_tokenizer("sentencepiece")
     tokens = response_tokens(tokenizer, "世 the")
     assert tokenizer.convert_ids_to_tokens(tokens.response_ids)[:4] == ["▁", "<0xE4>", "<0xB8>", "<0x96>"]
     assert tokens.byte_spans.tolist()[:4] == [[0, 0], [0, 1], [1, 2], [2, 3]]
 
 
-def test_a_token_crossing_from_the_prefix_is_the_first_response_token(load):
-    tokenizer = load("llama3")
+def test_a_token_crossing_from_the_prefix_is_the_first_response_token(real_tokenizer):
+    tokenizer = real_tokenizer("llama3")
     tokens = response_tokens(tokenizer, "Héllo there", "Assistant:")
     assert tokenizer.convert_ids_to_tokens(tokens.response_ids)[0] == ":H"
     assert tokens.crosses_prefix and tokens.byte_spans.tolist() == [[0, 1], [1, 4], [4, 6], [6, 12]]
@@ -116,8 +84,8 @@ def check_against_reference(student_spans, teacher_spans):
 
 
 @pytest.mark.parametrize("student_name, teacher_name", list(itertools.permutations(["gpt2", "llama3", "smollm2", "sentencepiece"], 2)))
-def test_alignment_of_real_tokenizers_matches_the_definition(load, student_name, teacher_name):
-    student, teacher = load(student_name), load(teacher_name)
+def test_alignment_of_real_tokenizers_matches_the_definition(real_tokenizer, student_name, teacher_name):
+    student, teacher = real_tokenizer(student_name), real_tokenizer(teacher_name)
     for index, text in enumerate(random_texts(20, seed=2)):
         alignment = align(response_tokens(student, text, PROMPT), response_tokens(teacher, text, PROMPT), example=str(index))
         check_against_reference(response_tokens(student, text, PROMPT).byte_spans.tolist(),
@@ -146,8 +114,8 @@ def test_alignment_of_random_spans_matches_the_definition():
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "smollm2", "sentencepiece"])
-def test_the_same_tokenizer_on_both_sides_gives_one_token_groups(load, name):
-    tokenizer = load(name)
+def test_the_same_tokenizer_on_both_sides_gives_one_token_groups(real_tokenizer, name):
+    tokenizer = real_tokenizer(name)
     for text in random_texts(20, seed=4):
         tokens = response_tokens(tokenizer, text, PROMPT)
         alignment = align(tokens, tokens)
@@ -156,12 +124,12 @@ def test_the_same_tokenizer_on_both_sides_gives_one_token_groups(load, name):
         assert torch.equal(alignment.student_starts, torch.arange(len(alignment)))
 
 
-def test_responses_that_differ_are_refused_naming_the_example_and_the_byte(load):
-    student = response_tokens(load("gpt2"), "The answer is 42.", PROMPT)
-    teacher = response_tokens(load("llama3"), "The answer is 42!", PROMPT)
+def test_responses_that_differ_are_refused_naming_the_example_and_the_byte(real_tokenizer):
+    student = response_tokens(real_tokenizer("gpt2"), "The answer is 42.", PROMPT)
+    teacher = response_tokens(real_tokenizer("llama3"), "The answer is 42!", PROMPT)
     with pytest.raises(AlignmentError, match=r"example 'dolly\[7\]'.*from byte 16"):
         align(student, teacher, example="dolly[7]")
-    shorter = response_tokens(load("llama3"), "The answer", PROMPT)
+    shorter = response_tokens(real_tokenizer("llama3"), "The answer", PROMPT)
     with pytest.raises(AlignmentError, match="from byte 10"):
         align(student, shorter, example="x")
 
@@ -192,8 +160,8 @@ def test_a_tokenizer_without_offsets_is_refused_naming_it():
         response_tokens(OffsetlessTokenizer(), "hello")
 
 
-def test_batched_groups_index_the_flattened_logits(load):
-    student, teacher = load("gpt2"), load("sentencepiece")
+def test_batched_groups_index_the_flattened_logits(real_tokenizer):
+    student, teacher = real_tokenizer("gpt2"), real_tokenizer("sentencepiece")
     rows = [("世界 ok", "A: "), ("the end", "Q: hi\nA: ")]
     student_rows = [response_tokens(student, text, prefix) for text, prefix in rows]
     teacher_rows = [response_tokens(teacher, text, prefix) for text, prefix in rows]
