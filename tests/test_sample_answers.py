@@ -19,7 +19,7 @@ def test_a_run_writes_samples_csv_at_start_every_n_steps_and_end(tmp_path):
     from kd_lightning.train import fit
 
     cfg = compose_config(
-        tmp_path, *TINY, "trainer.max_steps=3", "temperature=2", "callbacks.sample_answers.enabled=true",
+        tmp_path, *TINY, "trainer.max_steps=3", "data.max_train_examples=16", "temperature=2", "callbacks.sample_answers.enabled=true",
         "callbacks.sample_answers.every_n_steps=2", *SHORT,
     )
     fit(cfg)
