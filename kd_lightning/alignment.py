@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
@@ -65,9 +66,11 @@ def response_tokens(
 
     A token that crosses from the prefix into the response (Llama 3 merges ``:`` with a
     following word) counts as the response's first token, its span starting at 0, and
-    ``crosses_prefix`` is set: the position predicting it has not read the prefix's end. Raises ``TypeError`` for a tokenizer without character
-    offsets, ``AlignmentError`` when the tokens do not cover the response (naming
-    ``example``, the tokenizer and the first byte they miss).
+    ``crosses_prefix`` is set: the position predicting it has not read the prefix's end.
+
+    Raises ``TypeError`` for a tokenizer without character offsets, ``AlignmentError``
+    when the tokens do not cover the response (naming ``example``, the tokenizer and the
+    byte where their coverage stops).
     """
     require_offsets(tokenizer)
     text = prefix + response
@@ -79,22 +82,32 @@ def response_tokens(
             "tokenizer with real offsets (a fast tokenizer built from tokenizer.json)"
         )
     first = 0 if not prefix else next((k for k, (_, end) in enumerate(offsets) if end > len(prefix)), len(ids))
-    character_bytes = [0, *accumulate(len(character.encode("utf-8")) for character in text)]
-    prefix_bytes = character_bytes[len(prefix)]
-    byte_offsets = [
-        (max(character_bytes[start] - prefix_bytes, 0), max(character_bytes[end] - prefix_bytes, 0))
-        for start, end in offsets[first:]
-    ]
-    ends = token_byte_ends(byte_offsets, byte_lengths(tokenizer, ids[first:]))
+    character_bytes = utf8_offsets(text)
+    character_offsets = np.asarray(offsets[first:], dtype=np.int64).reshape(-1, 2)
+    relative = character_bytes[character_offsets] - character_bytes[len(prefix)]
+    byte_offsets = [tuple(pair) for pair in np.maximum(relative, 0).tolist()]
+    runs = overlapping_runs(byte_offsets)
+    shared = [k for run_first, run_last in runs if run_last > run_first for k in range(run_first, run_last + 1)]
+    lengths = dict(zip(shared, byte_lengths(tokenizer, [ids[first + k] for k in shared])))
+    ends = token_byte_ends(byte_offsets, runs, lengths)
     encoded = response.encode("utf-8")
     if (ends[-1] if ends else 0) != len(encoded):
         raise AlignmentError(
             f"example {example!r}: the tokens of {type(tokenizer).__name__} cover the response's bytes up to "
             f"{ends[-1] if ends else 0} of {len(encoded)}"
         )
-    spans = torch.tensor([[start, end] for start, end in zip([0, *ends[:-1]], ends)], dtype=torch.long).reshape(-1, 2)
+    spans = torch.tensor(list(zip([0, *ends[:-1]], ends)), dtype=torch.long).reshape(-1, 2)
     crosses = first < len(offsets) and offsets[first][0] < len(prefix)
-    return ResponseTokens(input_ids=ids, response_start=first, byte_spans=spans, response=encoded, crosses_prefix=crosses)
+    return ResponseTokens(
+        input_ids=ids, response_start=first, byte_spans=spans, response=encoded, crosses_prefix=crosses
+    )
+
+
+def utf8_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character of ``text``, and its byte length last."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lengths = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)])
 
 
 def require_offsets(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -107,34 +120,43 @@ def require_offsets(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-def token_byte_ends(offsets: list[tuple[int, int]], lengths: list[int | None]) -> list[int]:
-    """Each token's end in the response's bytes, from its byte offsets (relative to the
-    response, clamped at 0) and the byte length of what it stands for.
-
-    Tokens whose offsets overlap (a run: each starts before the run so far ends) share
-    characters: ByteLevel pieces of one emoji, ``<0xNN>`` pieces of one CJK character,
-    SentencePiece's virtual ``▁`` given the first character's offsets. A run's tokens
-    take their lengths from the run's end backwards, the first keeping what is left (none,
-    for a virtual ``▁``). A run with a token of unknown length keeps its offsets' ends.
-    """
-    ends: list[int] = []
-    first = 0
+def overlapping_runs(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The first and last index of each run of tokens whose offsets overlap: each starts
+    before the run so far ends. Tokens that share no character are runs of one."""
+    runs, first = [], 0
     while first < len(offsets):
         last, reach = first, offsets[first][1]
         while last + 1 < len(offsets) and offsets[last + 1][0] < reach:
             last += 1
             reach = max(reach, offsets[last][1])
-        before = ends[-1] if ends else 0
-        run_lengths = lengths[first : last + 1]
-        if last > first and None not in run_lengths:
-            after = list(accumulate(reversed(run_lengths[1:]), initial=0))[::-1]
-            ends.extend(max(before, max(reach, before) - later) for later in after)
-        else:
-            running = before
-            for _, end in offsets[first : last + 1]:
-                running = max(running, end)
-                ends.append(running)
+        runs.append((first, last))
         first = last + 1
+    return runs
+
+
+def token_byte_ends(
+    offsets: list[tuple[int, int]], runs: list[tuple[int, int]], lengths: dict[int, int | None]
+) -> list[int]:
+    """Each token's end in the response's bytes, from its byte offsets (relative to the
+    response, clamped at 0), its run and, in a run of several, its byte length.
+
+    Tokens of one run share characters: ByteLevel pieces of one emoji, ``<0xNN>`` pieces
+    of one CJK character, SentencePiece's virtual ``▁`` given the first character's
+    offsets. A run's tokens take their lengths from the run's end backwards, the first
+    keeping what is left (none, for a virtual ``▁``). A run with a token of unknown length
+    keeps its offsets' ends.
+    """
+    ends: list[int] = []
+    for first, last in runs:
+        before = ends[-1] if ends else 0
+        run_lengths = [lengths.get(k) for k in range(first + 1, last + 1)]
+        if last > first and None not in run_lengths:
+            run_end = max(before, *(end for _, end in offsets[first : last + 1]))
+            later = list(accumulate(reversed(run_lengths), initial=0))[::-1]
+            ends.extend(max(before, run_end - after) for after in later)
+        else:
+            for _, end in offsets[first : last + 1]:
+                ends.append(max(ends[-1] if ends else 0, end))
     return ends
 
 
@@ -177,31 +199,32 @@ def align_spans(student_spans: Tensor, teacher_spans: Tensor, example: str = "")
     end markers appended. Raises ``AlignmentError`` naming ``example`` and the first byte
     offset where the two sides' coverage of the response diverges."""
     check_same_coverage(student_spans, teacher_spans, example)
-    student_ends, teacher_ends = student_spans[:, 1].contiguous(), teacher_spans[:, 1].contiguous()
-    boundaries = torch.unique(student_ends[torch.isin(student_ends, teacher_ends)])
+    student_ends, teacher_ends = student_spans[:, 1].cpu().numpy(), teacher_spans[:, 1].cpu().numpy()
+    boundaries = np.intersect1d(student_ends, teacher_ends)  # sorted, unique
     boundaries = boundaries[boundaries > 0]
-    end_group = torch.tensor([len(boundaries)])
-    # a token belongs to the first group whose closing boundary is at or after its end
-    student_groups = torch.cat([torch.searchsorted(boundaries, student_ends), end_group])
-    teacher_groups = torch.cat([torch.searchsorted(boundaries, teacher_ends), end_group])
-    response_length = student_ends[-1:] if len(student_ends) else torch.zeros(1, dtype=torch.long)
+    # a token belongs to the first group whose closing boundary is at or after its end;
+    # the end markers make one more group
+    student_groups = np.append(np.searchsorted(boundaries, student_ends), len(boundaries))
+    teacher_groups = np.append(np.searchsorted(boundaries, teacher_ends), len(boundaries))
+    response_length = student_ends[-1:] if len(student_ends) else np.zeros(1, dtype=np.int64)
     student_starts, student_sizes = group_runs(student_groups, len(boundaries) + 1)
     teacher_starts, teacher_sizes = group_runs(teacher_groups, len(boundaries) + 1)
+    as_tensor = lambda values: torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))  # noqa: E731
     return Alignment(
-        student_starts=student_starts,
-        student_sizes=student_sizes,
-        teacher_starts=teacher_starts,
-        teacher_sizes=teacher_sizes,
-        student_groups=student_groups,
-        teacher_groups=teacher_groups,
-        byte_ends=torch.cat([boundaries, response_length]),
+        student_starts=as_tensor(student_starts),
+        student_sizes=as_tensor(student_sizes),
+        teacher_starts=as_tensor(teacher_starts),
+        teacher_sizes=as_tensor(teacher_sizes),
+        student_groups=as_tensor(student_groups),
+        teacher_groups=as_tensor(teacher_groups),
+        byte_ends=as_tensor(np.append(boundaries, response_length)),
     )
 
 
-def group_runs(groups: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def group_runs(groups: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first index and the size of each group, given each token's (non-decreasing) group."""
-    sizes = torch.bincount(groups, minlength=count)
-    return torch.cumsum(sizes, 0) - sizes, sizes
+    sizes = np.bincount(groups, minlength=count)
+    return np.cumsum(sizes) - sizes, sizes
 
 
 def coverage_break(spans: Tensor) -> int | None:
@@ -218,21 +241,20 @@ def coverage_break(spans: Tensor) -> int | None:
 
 def check_same_coverage(student_spans: Tensor, teacher_spans: Tensor, example: str) -> None:
     """Raise ``AlignmentError`` unless both sides' spans tile the same bytes [0, n)."""
-    breaks = {side: coverage_break(spans) for side, spans in (("student", student_spans), ("teacher", teacher_spans))}
-    lengths = {side: int(spans[-1, 1]) if len(spans) else 0 for side, spans in (("student", student_spans), ("teacher", teacher_spans))}
+    sides = {"student": student_spans, "teacher": teacher_spans}
+    breaks = {side: coverage_break(spans) for side, spans in sides.items()}
+    lengths = {side: int(spans[-1, 1]) if len(spans) else 0 for side, spans in sides.items()}
     if all(offset is None for offset in breaks.values()) and lengths["student"] == lengths["teacher"]:
         return
     broken = [offset for offset in breaks.values() if offset is not None]
     diverge = min(broken) if broken else min(lengths.values())
+    covered = {
+        side: f"[0, {lengths[side]})" if breaks[side] is None else f"[0, {breaks[side]}), then a gap" for side in sides
+    }
     raise AlignmentError(
         f"example {example!r}: the student's and the teacher's tokens do not cover the same bytes, they diverge at "
-        f"byte {diverge} (student spans cover {describe_coverage(breaks['student'], lengths['student'])}, teacher "
-        f"spans {describe_coverage(breaks['teacher'], lengths['teacher'])})"
+        f"byte {diverge} (the student's spans cover {covered['student']}, the teacher's {covered['teacher']})"
     )
-
-
-def describe_coverage(break_offset: int | None, length: int) -> str:
-    return f"[0, {length})" if break_offset is None else f"[0, {break_offset}) and then break"
 
 
 def predicting_positions(starts: Tensor, response_start: int) -> Tensor:
