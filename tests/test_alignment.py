@@ -6,7 +6,14 @@ import random
 
 import pytest
 import torch
-from real_tokenizers import TOKENIZERS, random_texts, real_tokenizer, reference_spans  # noqa: F401 (real_tokenizer: a fixture)
+from tokenizers import processors
+from real_tokenizers import (  # noqa: F401 (real_tokenizer: a fixture)
+    TOKENIZERS,
+    gpt2_tokenizer,
+    random_texts,
+    real_tokenizer,
+    reference_spans,
+)
 
 from kd_lightning.alignment import (
     AlignmentError,
@@ -55,6 +62,23 @@ def test_a_token_crossing_from_the_prefix_is_the_first_response_token(real_token
     assert not response_tokens(tokenizer, "Héllo there", "Assistant:\n").crosses_prefix
 
 
+def test_offsets_trimmed_of_whitespace_give_the_same_spans(real_tokenizer):
+    # RoBERTa-style ByteLevel post-processing trims spaces off the offsets: 'Ġ' alone gets (9, 9)
+    trimming = gpt2_tokenizer()
+    trimming.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    for text in random_texts(25, seed=5):
+        expected = response_tokens(real_tokenizer("gpt2"), text, PROMPT).byte_spans
+        assert torch.equal(response_tokens(trimming, text, PROMPT).byte_spans, expected), text
+
+
+def test_an_empty_response_has_no_tokens_and_aligns_to_the_end_markers(real_tokenizer):
+    student = response_tokens(real_tokenizer("gpt2"), "", PROMPT)
+    teacher = response_tokens(real_tokenizer("sentencepiece"), "", PROMPT)
+    assert student.byte_spans.shape == (0, 2) and student.response_start == len(student.input_ids)
+    alignment = align(student, teacher)
+    assert len(alignment) == 1 and alignment.student_starts.tolist() == alignment.teacher_starts.tolist() == [0]
+
+
 def reference_alignment(student_spans, teacher_spans):
     """Groups straight from the definition: a token belongs to the group numbered by how
     many common boundaries (> 0) lie before its end; the end markers close the list."""
@@ -74,8 +98,9 @@ def check_against_reference(student_spans, teacher_spans):
     for group in range(len(alignment)):
         student_members = [k for k, g in enumerate(student_groups) if g == group]
         teacher_members = [k for k, g in enumerate(teacher_groups) if g == group]
-        assert student_members == list(range(alignment.student_starts[group], alignment.student_starts[group] + alignment.student_sizes[group]))
-        assert teacher_members == list(range(alignment.teacher_starts[group], alignment.teacher_starts[group] + alignment.teacher_sizes[group]))
+        student_first, teacher_first = int(alignment.student_starts[group]), int(alignment.teacher_starts[group])
+        assert student_members == list(range(student_first, student_first + int(alignment.student_sizes[group])))
+        assert teacher_members == list(range(teacher_first, teacher_first + int(alignment.teacher_sizes[group])))
         first_student, first_teacher = student_members[0], teacher_members[0]
         if first_student < len(student_spans) and first_teacher < len(teacher_spans):
             # both sides have read the same bytes where the group's first token is predicted
@@ -83,13 +108,16 @@ def check_against_reference(student_spans, teacher_spans):
     return alignment
 
 
-@pytest.mark.parametrize("student_name, teacher_name", list(itertools.permutations(["gpt2", "llama3", "smollm2", "sentencepiece"], 2)))
+FAMILIES = ["gpt2", "llama3", "smollm2", "sentencepiece"]
+
+
+@pytest.mark.parametrize("student_name, teacher_name", list(itertools.permutations(FAMILIES, 2)))
 def test_alignment_of_real_tokenizers_matches_the_definition(real_tokenizer, student_name, teacher_name):
     student, teacher = real_tokenizer(student_name), real_tokenizer(teacher_name)
     for index, text in enumerate(random_texts(20, seed=2)):
-        alignment = align(response_tokens(student, text, PROMPT), response_tokens(teacher, text, PROMPT), example=str(index))
-        check_against_reference(response_tokens(student, text, PROMPT).byte_spans.tolist(),
-                                response_tokens(teacher, text, PROMPT).byte_spans.tolist())
+        student_tokens, teacher_tokens = response_tokens(student, text, PROMPT), response_tokens(teacher, text, PROMPT)
+        alignment = align(student_tokens, teacher_tokens, example=str(index))
+        check_against_reference(student_tokens.byte_spans.tolist(), teacher_tokens.byte_spans.tolist())
         assert alignment.student_sizes.min() >= 1 and alignment.teacher_sizes.min() >= 1
         assert alignment.student_sizes[-1] == 1 and alignment.teacher_sizes[-1] == 1  # the end markers
 
@@ -166,7 +194,8 @@ def test_batched_groups_index_the_flattened_logits(real_tokenizer):
     student_rows = [response_tokens(student, text, prefix) for text, prefix in rows]
     teacher_rows = [response_tokens(teacher, text, prefix) for text, prefix in rows]
     alignments = [align(s, t) for s, t in zip(student_rows, teacher_rows)]
-    batch = batch_groups(alignments, [r.response_start for r in student_rows], [r.response_start for r in teacher_rows], 20, 30)
+    student_starts, teacher_starts = [r.response_start for r in student_rows], [r.response_start for r in teacher_rows]
+    batch = batch_groups(alignments, student_starts, teacher_starts, 20, 30)
     assert batch.example_index.tolist() == [0] * len(alignments[0]) + [1] * len(alignments[1])
     first = alignments[1]
     expected = predicting_positions(first.student_starts, student_rows[1].response_start) + 20

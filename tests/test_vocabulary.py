@@ -34,7 +34,9 @@ def reference_bytes(tokenizer, byte_level):
 
 
 def end_marker(tokenizer):
-    return tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    """The end-of-turn marker where the tokenizer has one, else EOS."""
+    vocabulary = tokenizer.get_vocab()
+    return vocabulary["<|im_end|>"] if "<|im_end|>" in vocabulary else tokenizer.eos_token_id
 
 
 def check_match(teacher_name, student_name, real_tokenizer):
@@ -57,7 +59,9 @@ def check_match(teacher_name, student_name, real_tokenizer):
     return match
 
 
-@pytest.mark.parametrize("teacher_name, student_name", [("smollm2", "sentencepiece_normalizer"), ("gpt2", "sentencepiece")])
+@pytest.mark.parametrize(
+    "teacher_name, student_name", [("smollm2", "sentencepiece_normalizer"), ("gpt2", "sentencepiece")]
+)
 def test_matched_ids_stand_for_the_same_bytes(real_tokenizer, teacher_name, student_name):
     match = check_match(teacher_name, student_name, real_tokenizer)
     summary = match.summary()
@@ -67,7 +71,8 @@ def test_matched_ids_stand_for_the_same_bytes(real_tokenizer, teacher_name, stud
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "teacher_name, student_name", [("smollm2", "gpt2"), ("smollm2", "llama3"), ("llama3", "gpt2"), ("llama3", "sentencepiece")]
+    "teacher_name, student_name",
+    [("smollm2", "gpt2"), ("smollm2", "llama3"), ("llama3", "gpt2"), ("llama3", "sentencepiece")],
 )
 def test_matched_ids_of_large_vocabularies_stand_for_the_same_bytes(real_tokenizer, teacher_name, student_name):
     check_match(teacher_name, student_name, real_tokenizer)
@@ -76,7 +81,8 @@ def test_matched_ids_of_large_vocabularies_stand_for_the_same_bytes(real_tokeniz
 def test_spellings_differ_where_the_bytes_agree(real_tokenizer):
     teacher, student = real_tokenizer("sentencepiece"), real_tokenizer("gpt2")
     match = match_vocabularies(teacher, student, teacher.eos_token_id, student.eos_token_id)
-    pairs = dict(zip(teacher.convert_ids_to_tokens(match.teacher_ids.tolist()), student.convert_ids_to_tokens(match.student_ids.tolist())))
+    teacher_pieces = teacher.convert_ids_to_tokens(match.teacher_ids.tolist())
+    pairs = dict(zip(teacher_pieces, student.convert_ids_to_tokens(match.student_ids.tolist())))
     assert pairs["▁the"] == "Ġthe"
     assert pairs["<0xE4>"] == "ä" and pairs["<0xC3>"] == "Ã"
     assert pairs["</s>"] == "<|endoftext|>"
@@ -92,12 +98,15 @@ def test_the_same_tokenizer_on_both_sides_is_matched_to_itself(real_tokenizer, n
     end = end_marker(tokenizer)
     match = match_vocabularies(tokenizer, tokenizer, end, end)
     assert torch.equal(match.teacher_ids, match.student_ids)
-    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special |= set(tokenizer.all_special_ids)
     assert set(match.teacher_ids.tolist()) == (set(range(len(tokenizer))) - special) | {end}
 
 
 def tiny_sentencepiece(pieces, decoder=None):
-    backend = Tokenizer(models.WordLevel({"<unk>": 0, **{piece: k + 1 for k, piece in enumerate(pieces)}}, unk_token="<unk>"))
+    """A word-level tokenizer over ``pieces`` with Metaspace spaces (or ``decoder``)."""
+    vocabulary = {"<unk>": 0, **{piece: index + 1 for index, piece in enumerate(pieces)}}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoder or decoders.Metaspace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<unk>")
