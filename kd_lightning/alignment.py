@@ -22,6 +22,8 @@ Definitions:
   onwards, where ``first`` is the group's first token's index in the response and
   ``response_start`` the index of the response's first token in the sequence. At that
   first position both models have read exactly the same response bytes.
+- **Cutting.** A response too long for a budget of tokens is cut after a whole group
+  (``groups_within``, ``Alignment.first_groups``), so both sides stop at the same byte.
 """
 
 from __future__ import annotations
@@ -176,6 +178,33 @@ class Alignment:
 
     def __len__(self) -> int:
         return len(self.byte_ends)
+
+    def first_groups(self, count: int) -> Alignment:
+        """The alignment of the response cut after its first ``count`` groups (for a
+        sequence-length budget, see ``groups_within``): the end markers' group stays only
+        when ``count == len(self)``."""
+        if not 0 <= count <= len(self):
+            raise ValueError(f"an alignment of {len(self)} groups has no first {count}")
+        student_tokens = int(self.student_starts[count - 1] + self.student_sizes[count - 1]) if count else 0
+        teacher_tokens = int(self.teacher_starts[count - 1] + self.teacher_sizes[count - 1]) if count else 0
+        return Alignment(
+            student_starts=self.student_starts[:count],
+            student_sizes=self.student_sizes[:count],
+            teacher_starts=self.teacher_starts[:count],
+            teacher_sizes=self.teacher_sizes[:count],
+            student_groups=self.student_groups[:student_tokens],
+            teacher_groups=self.teacher_groups[:teacher_tokens],
+            byte_ends=self.byte_ends[:count],
+        )
+
+
+def groups_within(alignment: Alignment, student_tokens: int, teacher_tokens: int) -> int:
+    """How many leading groups fit when the student keeps at most ``student_tokens`` of its
+    response tokens (end marker included) and the teacher ``teacher_tokens``: cutting both
+    sides there cuts them at the same byte."""
+    student_fits = alignment.student_starts + alignment.student_sizes <= student_tokens
+    teacher_fits = alignment.teacher_starts + alignment.teacher_sizes <= teacher_tokens
+    return int((student_fits & teacher_fits).sum())  # group ends grow, so the fitting groups lead
 
 
 def align(student: ResponseTokens, teacher: ResponseTokens, example: str = "") -> Alignment:

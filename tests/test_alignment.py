@@ -20,6 +20,7 @@ from kd_lightning.alignment import (
     align,
     align_spans,
     batch_groups,
+    groups_within,
     predicting_positions,
     response_tokens,
 )
@@ -139,6 +140,31 @@ def test_alignment_of_random_spans_matches_the_definition():
         length = generator.randint(1, 40)
         check_against_reference(random_tiling(generator, length), random_tiling(generator, length))
     check_against_reference([], [])  # an empty response: the end markers alone
+
+
+def test_a_response_cut_at_a_common_boundary_keeps_its_leading_groups():
+    generator = random.Random(6)
+    for _ in range(100):
+        length = generator.randint(1, 30)
+        student_spans, teacher_spans = random_tiling(generator, length), random_tiling(generator, length)
+        full = align_spans(torch.tensor(student_spans), torch.tensor(teacher_spans))
+        student_budget = generator.randint(0, len(student_spans) + 1)
+        teacher_budget = generator.randint(0, len(teacher_spans) + 1)
+        count = groups_within(full, student_budget, teacher_budget)
+        cut = full.first_groups(count)
+        assert int(cut.student_sizes.sum()) <= student_budget and int(cut.teacher_sizes.sum()) <= teacher_budget
+        if count == len(full):
+            continue
+        # one more group would not fit on one side at least
+        student_needs, teacher_needs = int(full.student_sizes[: count + 1].sum()), int(full.teacher_sizes[: count + 1].sum())
+        assert student_needs > student_budget or teacher_needs > teacher_budget
+        # the response cut at that group's boundary aligns to the same leading groups
+        end = int(full.byte_ends[count - 1]) if count else 0
+        student_kept = torch.tensor([span for span in student_spans if span[1] <= end]).reshape(-1, 2)
+        teacher_kept = torch.tensor([span for span in teacher_spans if span[1] <= end]).reshape(-1, 2)
+        realigned = align_spans(student_kept, teacher_kept).first_groups(count)
+        for field in ("student_starts", "student_sizes", "teacher_starts", "teacher_sizes", "byte_ends"):
+            assert torch.equal(getattr(realigned, field), getattr(cut, field)), field
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "smollm2", "sentencepiece"])
