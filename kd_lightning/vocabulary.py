@@ -203,9 +203,9 @@ def match_vocabularies(
         pairs.extend(zip(teacher_by_bytes[decoded], student_by_bytes[decoded]))
     if not pairs:
         raise ValueError(
-            f"no token of the teacher's {type(teacher_tokenizer).__name__} ({len(teacher_table)} ids decoded) stands for "
-            f"the same bytes as a token of the student's {type(student_tokenizer).__name__} ({len(student_table)} ids "
-            "decoded): the vocabulary match is empty"
+            f"no token of the teacher's {type(teacher_tokenizer).__name__} ({len(teacher_table)} ids decoded) "
+            f"stands for the same bytes as a token of the student's {type(student_tokenizer).__name__} "
+            f"({len(student_table)} ids decoded): the vocabulary match is empty"
         )
     pairs.sort()
     # an end marker is special by definition, but guard against one that also decodes to text
