@@ -270,7 +270,8 @@ class StoredTeacher(nn.Module):
                 )
             for name in self.output_names:
                 rows[name].append(self.shards[shard][name][start:end])
-        return {name: torch.cat(parts) for name, parts in rows.items()}
+        with torch.autocast("cpu", enabled=False):  # CPU autocast refuses to concatenate float16 (top-k log-probabilities)
+            return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
 class CachedTeacher(StoredTeacher):

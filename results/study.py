@@ -75,9 +75,10 @@ def sh(*command: str) -> None:
 
 
 def build_caches(cache: Path, extra: list[str], groups: list[str]) -> None:
-    """The teacher's states for the training data and for Dolly test (at 512 tokens), and
-    the other caches the ``groups`` train from."""
-    sh("kd-cache", "experiment=study", *extra, f"teacher_cache={cache / 'train'}", f"hydra.run.dir={cache / 'train-log'}")
+    """The caches the ``groups`` train from (the exact one of the training data, a top-k
+    one), and the teacher's states for Dolly test (at 512 tokens), which every run is evaluated on."""
+    if any(group not in CACHES for group in groups):
+        sh("kd-cache", "experiment=study", *extra, f"teacher_cache={cache / 'train'}", f"hydra.run.dir={cache / 'train-log'}")
     for name, overrides in (CACHES[group] for group in groups if group in CACHES):
         sh("kd-cache", "experiment=study", *overrides, *extra, f"teacher_cache={cache / name}", f"hydra.run.dir={cache / f'{name}-log'}")
     sh(
