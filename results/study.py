@@ -46,7 +46,7 @@ from kd_lightning.runs import load_run, run_config
 
 SEEDS = (0, 1, 2)
 #: K of the top-k arm: the smallest K of benchmarks/results/topk_cache_cpu.md whose FKL loss error is under 1%
-TOP_K = 32
+TOP_K = 2048
 #: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
 PILOT = {"pilot-ce-lr5e-4": ["module.ce_weight=1", "module.optimizer.lr=5.0e-4"]}
 #: name → (group, kd-train overrides); the core arms run first, for every seed
