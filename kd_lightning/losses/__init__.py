@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from kd_lightning.losses import cross_tokenizer  # objective(name, divergence, **params): uld, gold, hybrid
 from kd_lightning.losses.base import Divergence, hellinger
 from kd_lightning.losses.csd import ConcreteScore
 from kd_lightning.losses.distances import AlphaBeta, TotalVariation
@@ -67,6 +68,7 @@ __all__ = [
     "TopKTargets",
     "TotalVariation",
     "available",
+    "cross_tokenizer",
     "fused_divergence",
     "fused_linear_divergence",
     "get",

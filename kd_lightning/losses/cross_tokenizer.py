@@ -38,6 +38,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -45,7 +46,9 @@ from torch import Tensor
 from kd_lightning.losses.base import Divergence, compute_dtype, tempered_log_probs
 from kd_lightning.losses.gold import gold
 from kd_lightning.losses.group_terms import LaterTokens, MatchedIds, check_group_inputs, sorted_l1
-from kd_lightning.vocabulary import VocabularyMatch
+
+if TYPE_CHECKING:  # kd_lightning.losses imports pure torch only: the match's module loads transformers
+    from kd_lightning.vocabulary import VocabularyMatch
 
 LATER_POSITIONS = {"hybrid": ("none", "group_probability"), "uld": ("none", "merge")}
 

@@ -36,13 +36,16 @@ What TRL's GOLD trainer computes (``trl.experimental.gold``, ``ULDLoss`` with
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from kd_lightning.losses.base import compute_dtype, tempered_log_probs
 from kd_lightning.losses.group_terms import LaterTokens, MatchedIds, check_group_inputs, sorted_l1
-from kd_lightning.vocabulary import VocabularyMatch
+
+if TYPE_CHECKING:  # kd_lightning.losses imports pure torch only: the match's module loads transformers
+    from kd_lightning.vocabulary import VocabularyMatch
 
 #: GOLD clamps every probability it takes a log of, and every merged factor, at this value
 GOLD_PROBABILITY_FLOOR = 1e-8
@@ -119,12 +122,8 @@ def spelling_match(teacher_tokenizer, student_tokenizer) -> VocabularyMatch:
             f"no token string of the teacher's {type(teacher_tokenizer).__name__} is in the vocabulary of the student's "
             f"{type(student_tokenizer).__name__}: GOLD's spelling match is empty"
         )
+    from kd_lightning.vocabulary import VocabularyMatch
+
     teacher_ids, student_ids = torch.tensor(pairs, dtype=torch.long).T.contiguous()
-    return VocabularyMatch(
-        teacher_ids=teacher_ids,
-        student_ids=student_ids,
-        teacher_vocabulary=len(teacher_vocabulary),
-        student_vocabulary=len(student_vocabulary),
-        teacher_without_bytes=0,  # a spelling match decodes nothing
-        student_without_bytes=0,
-    )
+    # a spelling match decodes nothing: no id is counted as without bytes
+    return VocabularyMatch(teacher_ids, student_ids, len(teacher_vocabulary), len(student_vocabulary), 0, 0)

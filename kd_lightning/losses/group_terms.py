@@ -19,12 +19,15 @@ first position only, unless ``LaterTokens`` says what the later positions predic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from kd_lightning.losses.base import check_temperature, compute_dtype, tempered_log_probs
-from kd_lightning.vocabulary import VocabularyMatch
+
+if TYPE_CHECKING:  # kd_lightning.losses imports pure torch only: the match's module loads transformers
+    from kd_lightning.vocabulary import VocabularyMatch
 
 
 @dataclass(frozen=True)
