@@ -158,21 +158,26 @@ TINY_RUN = ["model=tiny", "divergence=rkl", "trainer.max_steps=4", "trainer.val_
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    """``kd-cache`` of the tiny model's examples, built once for this file's runs."""
+    """``kd-cache`` of the tiny model's examples, built once for this file's runs, in this
+    process (the kd-cache command line itself: test_topk_cache's tiny_topk_cache)."""
+    from test_train import compose_config
+
     directory = tmp_path_factory.mktemp("tiny_cache")
-    built = kd("cache_build", *TINY_RUN, f"teacher_cache={directory / 'cache'}", f"hydra.run.dir={directory / 'build'}", cwd=directory)
-    assert built.returncode == 0, built.stderr[-2000:]
-    return directory / "cache"
+    return cache_build.build(compose_config(directory / "build", *TINY_RUN, f"teacher_cache={directory / 'cache'}"))
 
 
-def test_kd_cache_then_kd_train_gives_the_live_losses(tiny_cache, tmp_path):
+def test_kd_cache_then_kd_train_gives_the_live_losses(tiny_cache, tmp_path, capsys):
+    """In this process: what the kd-train command line does is test_train's and test_faults' part."""
+    from test_train import compose_config
+
+    from kd_lightning.train import fit
+
     assert json.loads((tiny_cache / "manifest.json").read_text())["shards"]
     runs = {}
     for name, extra in (("live", []), ("cached", [f"teacher_cache={tiny_cache}"])):
-        run = kd("train", *TINY_RUN, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-        assert run.returncode == 0, run.stderr[-2000:]
+        fit(compose_config(tmp_path / name, *TINY_RUN, *extra))
         runs[name] = pd.read_csv(tmp_path / name / "metrics.csv")
-    assert "the cache saves" in run.stdout
+    assert "the cache saves" in capsys.readouterr().out
     columns = ["train/kd_loss", "train/ce_loss", "val/kd_loss"]
     pd.testing.assert_frame_equal(runs["cached"][columns], runs["live"][columns], rtol=1e-6)
 
@@ -210,7 +215,11 @@ def test_the_fingerprint_names_the_data_file_and_its_content(tokenizer, tmp_path
     assert cache.mismatch(before, after) == "data" and before["data"]["file"] == "data.jsonl"
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_read_the_cache(tiny_cache, tmp_path):
+    """Slow (two spawned processes). In the default suite, test_kd_cache_then_kd_train_gives_the_live_losses
+    reads a cache in one process and test_train's test_ddp_run_and_resume_from_the_command_line
+    spawns the two DDP processes; this is the two together."""
     run = kd("train", *TINY_RUN, "trainer=ddp", "trainer.devices=2", f"teacher_cache={tiny_cache}", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("the cache saves") == 2

@@ -274,7 +274,11 @@ def test_fsdp_teacher_placements(placement, tmp_path):
     assert (out / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
 
 
+@pytest.mark.slow
 def test_multirun_with_spawned_processes(tmp_path):
+    """Slow (two jobs of two spawned processes). In the default suite,
+    test_multirun_gives_one_flat_directory_per_job runs a multirun and
+    test_ddp_run_and_resume_from_the_command_line spawns DDP processes from kd-train."""
     run = kd_train(
         "-m", "model=tiny", "trainer=ddp", "trainer.max_steps=1", "temperature=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
