@@ -133,7 +133,14 @@ class GlobalMean:
 
 
 class LossHead(Protocol):
-    """What the module asks of a loss head, in this order, once per batch."""
+    """What the module asks of a loss head, in this order, once per batch. Its loss units
+    (``units`` of them: counted tokens, or aligned groups for ``cross_tokenizer.CrossTokenizerHead``)
+    are the entries of the ``TokenBatch`` that policies edit; ``labels`` are the student's
+    counted labels, over which the cross-entropy's mean runs."""
+
+    units: int
+    labels: Tensor
+    scaled_by_tau_sq: bool  # whether the module weighs each unit's loss by τ² (SPEC §1)
 
     def difficulty(self) -> Tensor:
         """Hellinger distance between p and q at τ = 1 per counted token, no gradient."""
@@ -143,7 +150,22 @@ class LossHead(Protocol):
         or 1) and the cross-entropy of every counted token, ready to backpropagate."""
 
 
-class EagerHead:
+class TokenHead:
+    """A head whose loss units are the counted tokens, each a divergence scaled by τ²."""
+
+    states: CountedStates
+    scaled_by_tau_sq = True
+
+    @property
+    def labels(self) -> Tensor:
+        return self.states.labels
+
+    @property
+    def units(self) -> int:
+        return len(self.states.labels)
+
+
+class EagerHead(TokenHead):
     """Both models' logits of the counted tokens, then the divergence with autograd.
 
     With token policies (``selective``) the student's logits are first computed without
@@ -177,7 +199,7 @@ class EagerHead:
         return self.divergence(student_logits, self.teacher_logits[keep], tokens.temperature[keep]), self.cross_entropy
 
 
-class FusedHead:
+class FusedHead(TokenHead):
     """``losses.fused_divergence``: the student's lm_head and the divergence chunk by chunk
     against the teacher's ``targets``, the gradients ready after the forward pass, at the
     weights the loss gives each token.

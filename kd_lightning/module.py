@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from kd_lightning import losses
 from kd_lightning.cache import StoredTeacher
 from kd_lightning.checkpoints import drop_teacher_weights, ignore_missing_teacher
+from kd_lightning.cross_tokenizer import CrossTokenizer
 from kd_lightning.diagnostics import non_finite_loss_message, print_parameter_memory
 from kd_lightning.frozen_teacher import hide_frozen_teacher_warning, remove_warning_filter
 from kd_lightning.heads import CountedStates, EagerHead, FusedHead, GlobalMean, LmHeads, LossHead, counted_states
@@ -85,6 +86,8 @@ class DistillationModule(L.LightningModule):
         lora: LoRA settings for the student (``models.add_lora``: ``r``, ``alpha``,
             ``dropout``, ``target_modules``); with ``r > 0`` only the adapters train, and
             checkpoints hold only them. ``None`` or ``r = 0``: the whole student trains.
+        cross_tokenizer: a teacher with another tokenizer (``cross_tokenizer.CrossTokenizer``): the loss
+            runs over aligned groups of batches from ``CrossTokenizerDataModule``.
 
     The teacher is frozen, kept in eval mode and run under ``torch.no_grad``; the
     optimizer sees only the student; ``state_dict`` and checkpoints hold no teacher weights.
@@ -110,24 +113,24 @@ class DistillationModule(L.LightningModule):
         teacher_placement: str = "sharded",
         gradient_checkpointing: bool = False,
         lora: Mapping | None = None,
+        cross_tokenizer: CrossTokenizer | None = None,
     ):
         super().__init__()
         check_settings(loss_impl, teacher_placement, ce_weight, loss_matmul_dtype)
         divergence = losses.resolve(divergence, divergence_kwargs)
         self.loss_matmul_dtype = None if loss_matmul_dtype is None else getattr(torch, loss_matmul_dtype)
-        self.divergence, self.temperature_schedule = divergence, as_schedule(temperature)
+        self.divergence, self.temperature_schedule, self.cross_tokenizer = divergence, as_schedule(temperature), cross_tokenizer
         self.ce_weight, self.scale_by_tau_sq, self.vocab_size = ce_weight, scale_by_tau_sq, vocab_size
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
         self.loss_impl, self.chunk_size, self.compile_loss = loss_impl, chunk_size, compile_loss
         self.teacher_placement, self.gradient_checkpointing = teacher_placement, gradient_checkpointing
         self.lora = dict(lora) if lora is not None and lora.get("r", 0) > 0 else None
-        self.save_hyperparameters(
-            {"divergence": divergence.name, **divergence.hparams(), **self.temperature_schedule.hparams(),
-             "ce_weight": ce_weight, "scale_by_tau_sq": scale_by_tau_sq, "lr_scheduler": lr_scheduler,
-             "warmup_ratio": warmup_ratio, "loss_impl": loss_impl, "teacher_placement": teacher_placement,
-             "lora_r": self.lora["r"] if self.lora else 0}
-        )
+        self.save_hyperparameters({
+            "divergence": divergence.name, **divergence.hparams(), **self.temperature_schedule.hparams(), "ce_weight": ce_weight,
+            "scale_by_tau_sq": scale_by_tau_sq, "lr_scheduler": lr_scheduler, "warmup_ratio": warmup_ratio, "loss_impl": loss_impl,
+            "teacher_placement": teacher_placement, "lora_r": self.lora["r"] if self.lora else 0,
+            "cross_tokenizer": getattr(cross_tokenizer, "name", "none")})  # cross_tokenizer: SPEC §6's objective, or none
         # models given as factories are built in configure_model
         self.teacher_factory = None if isinstance(teacher, nn.Module) else teacher
         self.student_factory = None if isinstance(student, nn.Module) else student
@@ -209,13 +212,16 @@ class DistillationModule(L.LightningModule):
         The teacher's states, a loss head over the counted tokens, the policies' edits of
         a per-token copy of τ and of the kept set, then D of the kept tokens at their τ.
         """
-        states = counted_states(self.student, self.teacher, batch)
         policies = active_policies(self.token_policies, self._trainer) if apply_policies else []
-        head = self.loss_head(states, selective=bool(policies))
-        labels = states.labels
-        tokens = TokenBatch(
-            temperature=torch.full(labels.shape, self.temperature, device=labels.device),
-            keep=torch.ones_like(labels, dtype=torch.bool),
+        if self.cross_tokenizer is None:
+            head = self.loss_head(counted_states(self.student, self.teacher, batch), selective=bool(policies))
+        else:  # the groups' head: each side runs on its own tokens
+            head = self.cross_tokenizer.head(self.student, self.teacher, batch, self.divergence, self.ce_weight,
+                                             selective=bool(policies), chunk_size=self.chunk_size)
+        labels = head.labels
+        tokens = TokenBatch(  # one entry per loss unit: a counted token, or an aligned group
+            temperature=torch.full((head.units,), self.temperature, device=labels.device),
+            keep=torch.ones(head.units, dtype=torch.bool, device=labels.device),
             step=self.global_step,
             compute_difficulty=head.difficulty,
         )
@@ -223,7 +229,7 @@ class DistillationModule(L.LightningModule):
             policy(tokens)
         counted = torch.tensor(labels.numel(), device=labels.device)
         mean = GlobalMean(self.world_size(), self.global_count(tokens.keep.sum()), self.global_count(counted))
-        weights = tokens.loss_weights(self.scale_by_tau_sq)
+        weights = tokens.loss_weights(self.scale_by_tau_sq and head.scaled_by_tau_sq)
         per_token, cross_entropy = head.kept_losses(tokens, weights, mean)
         kd_loss, ce_loss = mean.kd(weights * per_token), mean.ce(cross_entropy)
         kept_temperature = tokens.temperature[tokens.keep]

@@ -19,10 +19,13 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.cache import open_cache
 from kd_lightning.cache_build import run_fingerprint
 from kd_lightning.cli import compact_errors
+from kd_lightning.cross_tokenizer import CrossTokenizer, tokenizer_match
+from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
 from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
 from kd_lightning.precision import Float32MatmulsForBf16, cpu_has_bf16
 
@@ -33,13 +36,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
     """Build tokenizer, data, module, callbacks, loggers and trainer from ``cfg``, then fit."""
     check_temperature_keys(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = instantiate(cfg.model.tokenizer)
-    # the models' own tokenizers, where they ship one, must equal the run's
-    if (teacher_tokenizer := instantiate(cfg.model.get("teacher_tokenizer"))) is not None:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
-    if (student_tokenizer := instantiate(cfg.model.get("student_tokenizer"))) is not None:
-        check_same_tokenizer(student_tokenizer, tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    tokenizer, datamodule, cross_tokenizer = tokenizers_and_data(cfg)
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     if cfg.teacher_cache:
         check_cacheable(cfg)
@@ -52,6 +49,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
         teacher=teacher,
         divergence=instantiate(cfg.divergence),
         vocab_size=len(tokenizer),
+        cross_tokenizer=cross_tokenizer,
     )
     callbacks = instantiate_callbacks(cfg)
     loggers = [instantiate(logger) for logger in cfg.logger.values()]
@@ -65,6 +63,42 @@ def fit(cfg: DictConfig) -> L.Trainer:
     for logger in trainer.loggers:
         log.info("metrics: %s", logger.log_dir or logger.save_dir)
     return trainer
+
+
+#: what refusing two different tokenizers adds: how to distil across them
+CROSS_TOKENIZER_HINT = "; or distil across tokenizers with cross_tokenizer=uld|gold|hybrid"
+
+
+def tokenizers_and_data(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, L.LightningDataModule, CrossTokenizer | None]:
+    """The data's tokenizer, the data module and the cross-tokenizer settings (``None`` for
+    ``cross_tokenizer=none``, where the models' own tokenizers, where they ship one, must
+    equal the data's). With ``cross_tokenizer=uld|gold|hybrid`` the student's tokenizer
+    tokenises the data, the teacher's its own side (``CrossTokenizerDataModule``), and each
+    defaults to the data's tokenizer (``model.tokenizer``) where its model ships none."""
+    teacher_tokenizer = instantiate(cfg.model.get("teacher_tokenizer"))
+    student_tokenizer = instantiate(cfg.model.get("student_tokenizer"))
+    settings = OmegaConf.to_container(cfg.cross_tokenizer, resolve=True)
+    name = settings.pop("name")
+    if name != "none":
+        if cfg.teacher_cache:
+            raise ValueError(f"cross_tokenizer={name} trains from the live teacher: a teacher cache of its own tokens is not supported yet")
+        if teacher_tokenizer is None or student_tokenizer is None:
+            tokenizer = instantiate(cfg.model.tokenizer)
+            teacher_tokenizer, student_tokenizer = teacher_tokenizer or tokenizer, student_tokenizer or tokenizer
+        cross_tokenizer = CrossTokenizer(name, tokenizer_match(teacher_tokenizer, student_tokenizer), settings)
+        datamodule = instantiate(
+            cfg.data, _target_=CrossTokenizerDataModule, tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer
+        )
+        return student_tokenizer, datamodule, cross_tokenizer
+    tokenizer = instantiate(cfg.model.tokenizer)
+    try:
+        if teacher_tokenizer is not None:
+            check_same_tokenizer(tokenizer, teacher_tokenizer)
+        if student_tokenizer is not None:
+            check_same_tokenizer(student_tokenizer, tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{error}{CROSS_TOKENIZER_HINT}") from None
+    return tokenizer, instantiate(cfg.data, tokenizer=tokenizer), None
 
 
 def bf16_matmuls(cfg: DictConfig, trainer: L.Trainer) -> contextlib.AbstractContextManager:

@@ -246,7 +246,7 @@ class InstructionDataModule(L.LightningDataModule):
         if not len(records):  # e.g. the validation split of val_size=0
             return records.with_format("python")
         encoded = records.map(
-            lambda example: encode_example(self.tokenizer, example, self.max_length),
+            self.encode_one,
             remove_columns=[name for name in records.column_names if name != "record"],
             desc=f"tokenising {split} data",
         )
@@ -262,6 +262,10 @@ class InstructionDataModule(L.LightningDataModule):
                 "raise data.max_length"
             )
         return kept.remove_columns("truncated").with_format("python")
+
+    def encode_one(self, example: dict) -> dict:
+        """One checked record's tokens (``encode_example``); a subclass may encode otherwise."""
+        return encode_example(self.tokenizer, example, self.max_length)
 
     def train_dataloader(self) -> StatefulDataLoader:
         world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)

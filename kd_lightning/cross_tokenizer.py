@@ -1,0 +1,196 @@
+"""The loss head for a teacher and a student with different tokenizers (SPEC §6).
+
+A batch from ``data.cross_tokenizer.CrossTokenizerDataModule`` holds each side's own
+tokens and the aligned groups. The student runs on its ids, the teacher (under
+``torch.no_grad``) on its own; each side's final hidden states are gathered at the
+position predicting each group's first token, where both models have read the same
+text. Per group g, with ``z_g = lm_head_s(h_s)`` cut to the student tokenizer's ``V_s``
+rows and ``t_g = lm_head_t(h_t)`` cut to ``V_t``:
+
+    ℓ_g = w_g · objective(z_g, t_g, M, τ_g)        (losses.cross_tokenizer: hybrid, uld, gold)
+
+with ``w_g = τ_g²`` when the objective is scaled like a divergence (``hybrid``) and
+``scale_by_tau_sq``, else 1 (``uld`` and ``gold`` reproduce peers that apply none). The
+KD loss is the mean of ℓ over the kept groups of the global batch; the cross-entropy of
+``ce_weight`` is the student's own, on its labels, averaged over its counted tokens.
+
+**Groups are the policies' tokens.** A ``TokenBatch`` holds one entry per group: LATF
+keeps the hardest groups, IDTS sets τ per group. A group's difficulty is the Hellinger
+distance at τ = 1 between the matched outcomes ``p̃ = (p[M_t], p_rest)`` and
+``q̃ = (q[M_s], q_rest)``, the distributions ``hybrid`` compares (the rest outcome "any
+unmatched token" only where a side has unmatched ids). With one tokenizer and the
+identity match it is the same-tokenizer difficulty.
+
+**Cost.** Groups are visited ``chunk_size`` at a time; each chunk's logits are computed
+inside ``torch.utils.checkpoint``, so neither side ever holds more than
+``chunk_size × V`` logits and the backward pass recomputes one chunk at a time.
+Later positions of multi-token groups carry no term (``later_positions="none"``); the
+other choices of ``losses.cross_tokenizer`` need the later tokens' log-probabilities,
+which this head does not gather yet, and are refused. For the same reason ``gold`` runs
+here without GOLD's merge (as if every group were one token on each side).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedTokenizerBase
+
+from kd_lightning import losses
+from kd_lightning.data.cross_tokenizer import GROUP_KEYS
+from kd_lightning.data.datamodule import counted_positions
+from kd_lightning.heads import GlobalMean
+from kd_lightning.losses.fused import cross_entropy_per_token
+from kd_lightning.losses.group_terms import MatchedIds
+from kd_lightning.models import last_hidden_state, lm_head
+from kd_lightning.tokens import TokenBatch
+from kd_lightning.vocabulary import VocabularyMatch, match_vocabularies
+
+OBJECTIVES = ("uld", "gold", "hybrid")
+
+
+def identity_match(vocabulary_size: int) -> VocabularyMatch:
+    """M = every id paired with itself: one tokenizer on both sides, every logit row matched,
+    so the rest outcome is empty and ``hybrid`` is the same-tokenizer divergence exactly."""
+    ids = torch.arange(vocabulary_size)
+    return VocabularyMatch(ids, ids.clone(), vocabulary_size, vocabulary_size, 0, 0)
+
+
+def tokenizer_match(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> VocabularyMatch:
+    """The identity over the vocabulary for equal tokenizers, else ``match_vocabularies``
+    with each side's EOS as its end-of-response marker (the data module ends responses with it)."""
+    if teacher.get_vocab() == student.get_vocab():
+        return identity_match(len(student))
+    return match_vocabularies(teacher, student, teacher.eos_token_id, student.eos_token_id)
+
+
+class CrossTokenizer:
+    """A cross-tokenizer run's settings: the objective's ``name`` (``uld``, ``gold``,
+    ``hybrid``) and keyword ``params``, and the vocabulary match M of the two tokenizers.
+    (A plain class, not a dataclass: Hydra's ``instantiate`` would turn a dataclass argument
+    into a config.)"""
+
+    def __init__(self, name: str, match: VocabularyMatch, params: dict | None = None):
+        self.name, self.match, self.params = name, match, dict(params or {})
+        if self.params.get("later_positions", "none") != "none":
+            raise ValueError(
+                f"cross_tokenizer.later_positions={self.params['later_positions']!r} is not wired into training yet; "
+                "use later_positions=none (only each group's first position carries a term)"
+            )
+        losses.cross_tokenizer.objective(self.name, losses.get("fkl"), **self.params)  # an unknown name or parameter fails here
+
+    def head(self, student: nn.Module, teacher: nn.Module, batch: dict, divergence: losses.Divergence,
+             ce_weight: float, selective: bool, chunk_size: int) -> CrossTokenizerHead:
+        """The loss head of ``batch`` with this objective at the run's ``divergence``."""
+        objective = losses.cross_tokenizer.objective(self.name, divergence, **self.params)
+        states = GroupStates.of(student, teacher, batch)
+        return CrossTokenizerHead(objective, self.match, states, ce_weight, selective, lm_head(student),
+                                  lm_head(teacher), chunk_size)
+
+
+@dataclass
+class GroupStates:
+    """Both models' final hidden states at the groups' first predicting positions, and the
+    student's at its counted tokens (for the cross-entropy)."""
+
+    student: Tensor  # [G, Hs], with gradient
+    teacher: Tensor  # [G, Ht], without gradient
+    counted_student: Tensor  # [N, Hs], with gradient
+    labels: Tensor  # [N] the student's counted labels
+
+    @classmethod
+    def of(cls, student: nn.Module, teacher: nn.Module, batch: dict) -> GroupStates:
+        missing = [key for key in ("teacher_input_ids", *GROUP_KEYS) if key not in batch]
+        if missing:
+            raise KeyError(f"a cross-tokenizer batch (CrossTokenizerDataModule) holds {', '.join(missing)}; this one does not")
+        student_hidden = last_hidden_state(student, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        with torch.no_grad():
+            teacher_inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+            teacher_hidden = last_hidden_state(teacher, teacher_inputs)
+        counted = counted_positions(batch["labels"])
+        return cls(
+            student=student_hidden.flatten(0, 1)[batch["group_student_positions"]],
+            teacher=teacher_hidden.flatten(0, 1)[batch["group_teacher_positions"]],
+            counted_student=student_hidden[:, :-1][counted],
+            labels=batch["labels"][:, 1:][counted],
+        )
+
+
+def chunks(count: int, chunk_size: int) -> Iterator[slice]:
+    return (slice(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size))
+
+
+def checkpointed(function: Callable[..., Tensor], *inputs) -> Tensor:
+    """``function(*inputs)``, its intermediates (a chunk's logits) recomputed in the backward
+    pass instead of kept; called directly when no gradient is wanted."""
+    if not torch.is_grad_enabled():
+        return function(*inputs)
+    return checkpoint(function, *inputs, use_reentrant=False)
+
+
+class CrossTokenizerHead:
+    """The loss head over aligned groups (see the module docstring): one loss unit per group."""
+
+    def __init__(self, objective: losses.cross_tokenizer.Objective, match: VocabularyMatch, states: GroupStates,
+                 ce_weight: float, selective: bool, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int):
+        self.objective, self.match, self.states = objective, match, states
+        self.ce_weight, self.chunk_size = ce_weight, chunk_size
+        self.student_head, self.teacher_head = student_head, teacher_head
+        self.scaled_by_tau_sq = objective.scaled_by_tau_sq
+        self.labels, self.units = states.labels, len(states.student)
+
+    def student_logits(self, hidden: Tensor) -> Tensor:
+        """``[n, V_s]``: the student's logits cut to its tokenizer's ids (rows beyond are padding)."""
+        return self.student_head(hidden)[:, : self.match.student_vocabulary]
+
+    def teacher_logits(self, hidden: Tensor) -> Tensor:
+        return self.teacher_head(hidden)[:, : self.match.teacher_vocabulary]
+
+    def difficulty(self) -> Tensor:
+        """Hellinger distance at τ = 1 between the matched outcomes p̃ and q̃ per group, no gradient."""
+        values = []
+        with torch.no_grad():
+            for rows in chunks(self.units, self.chunk_size):
+                student_logits = self.student_logits(self.states.student[rows])
+                teacher_logits = self.teacher_logits(self.states.teacher[rows])
+                student_ids = MatchedIds.of(self.match.student_ids, student_logits.shape[-1], student_logits.device)
+                teacher_ids = MatchedIds.of(self.match.teacher_ids, teacher_logits.shape[-1], student_logits.device)
+                with_rest = student_ids.has_unmatched or teacher_ids.has_unmatched
+                values.append(losses.hellinger(
+                    student_ids.outcomes(student_logits.log_softmax(-1), with_rest),
+                    teacher_ids.outcomes(teacher_logits.log_softmax(-1), with_rest),
+                ))
+        return torch.cat(values) if values else self.states.student.new_zeros(0, dtype=torch.float32)
+
+    def group_losses(self, student_hidden: Tensor, teacher_hidden: Tensor, temperature: Tensor) -> Tensor:
+        """The objective of one chunk of groups, from their hidden states."""
+        with torch.no_grad():
+            teacher_logits = self.teacher_logits(teacher_hidden)
+        return self.objective(self.student_logits(student_hidden), teacher_logits, self.match, temperature)
+
+    def kept_losses(self, tokens: TokenBatch, weights: Tensor, mean: GlobalMean) -> tuple[Tensor, Tensor]:
+        """The objective of the kept groups at their τ (to be weighted by ``weights``) and the
+        student's cross-entropy on every counted token, chunk by chunk, ready to backpropagate."""
+        student, teacher = self.states.student[tokens.keep], self.states.teacher[tokens.keep]
+        temperature = tokens.temperature[tokens.keep].to(student.dtype)
+        per_group = [
+            checkpointed(self.group_losses, student[rows], teacher[rows], temperature[rows])
+            for rows in chunks(len(student), self.chunk_size)
+        ]
+        empty = student.new_zeros(0, dtype=torch.float32)
+        return torch.cat(per_group) if per_group else empty, self.cross_entropy()
+
+    def cross_entropy(self) -> Tensor:
+        """``logsumexp(z) − z[label]`` per counted student token, with gradient only when weighted in."""
+        hidden, labels = self.states.counted_student, self.states.labels
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ce_weight > 0):
+            values = [
+                checkpointed(lambda rows_hidden, rows_labels: cross_entropy_per_token(
+                    self.student_logits(rows_hidden), rows_labels), hidden[rows], labels[rows])
+                for rows in chunks(len(hidden), self.chunk_size)
+            ]
+        return torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
