@@ -102,19 +102,22 @@ TOKENIZERS = {
 }
 
 
+#: name → tokenizer, built once per test process and shared by every module that asks
+BUILT_TOKENIZERS: dict[str, PreTrainedTokenizerFast] = {}
+
+
 @pytest.fixture(scope="module")
 def real_tokenizer(request, tmp_path_factory):
     """``real_tokenizer(name)``: the tokenizer called ``name`` (skipping the test when its
-    package is missing), built once per module; SmolLM2's kept in pytest's cache."""
-    built = {}
+    package is missing), built once per test process; SmolLM2's kept in pytest's cache."""
     cache = getattr(request.config, "cache", None)
 
     def load_one(name):
-        if name not in built:
+        if name not in BUILT_TOKENIZERS:
             builder, _ = TOKENIZERS[name]
             directory = cache.mkdir("smollm2-tokenizer") if cache else tmp_path_factory.mktemp("smollm2-tokenizer")
-            built[name] = builder(directory)
-        return built[name]
+            BUILT_TOKENIZERS[name] = builder(directory)
+        return BUILT_TOKENIZERS[name]
 
     return load_one
 
