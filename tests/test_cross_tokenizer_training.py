@@ -187,3 +187,37 @@ def test_a_gguf_teacher_with_its_own_tokenizer(cross_dirs, tmp_path):
     trainer = fit(compose_config(tmp_path / "run", *overrides))
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.datamodule.teacher_tokenizer.chat_template
+
+
+def test_chunks_and_token_policies_act_on_groups(cross_dirs, tmp_path):
+    """The loss and gradients do not depend on the chunk size; a policy's TokenBatch has
+    one entry per group, and the KD mean runs over the groups it keeps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_tokenizer, student_tokenizer = (AutoTokenizer.from_pretrained(path) for path in cross_dirs)
+    data = CrossTokenizerDataModule(student_tokenizer, teacher_tokenizer, path=write_records(tmp_path / "d.jsonl"),
+                                    max_length=170, val_size=0, batch_size=4, shuffle=False)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    groups = len(batch["group_example_index"])
+    cross = CrossTokenizer("hybrid", tokenizer_match(teacher_tokenizer, student_tokenizer))
+    results, seen = [], []
+    for chunk_size in (1, 1000):
+        teacher, student = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64) for path in cross_dirs)
+        module = DistillationModule(student, teacher, temperature=2.0, chunk_size=chunk_size, cross_tokenizer=cross)
+        out = module.distillation_losses(batch, apply_policies=False)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), [parameter.grad for parameter in student.parameters()]))
+    for loss, gradients in results[:-1]:
+        torch.testing.assert_close(loss, results[-1][0], rtol=1e-9, atol=0)
+        for got, expected in zip(gradients, results[-1][1]):
+            torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
+
+    def keep_the_hardest_half(tokens):
+        seen.append(tokens.difficulty())
+        tokens.keep &= tokens.difficulty() >= tokens.difficulty().median()
+
+    module.token_policies.append(keep_the_hardest_half)
+    out = module.distillation_losses(batch, apply_policies=True)
+    assert seen[0].shape == (groups,) and ((seen[0] >= 0) & (seen[0] <= 1)).all()
+    assert out["kept_tokens"] == int((seen[0] >= seen[0].median()).sum()) < groups
