@@ -56,21 +56,28 @@ def test_the_model_card_names_the_run_settings(tiny_run):
         assert expected in card
 
 
-def test_export_of_an_fsdp_checkpoint(tmp_path):
-    """Under FSDP the callback gathers the shards; kd-export reads the distributed checkpoint."""
+def test_export_of_an_fsdp_checkpoint_and_its_resume(tmp_path):
+    """Under FSDP the callback gathers the shards; kd-export reads the distributed checkpoint,
+    which holds no teacher shard and resumes (`trainer=fsdp`: FSDP2 over 2 CPU processes, gloo)."""
+    import torch.distributed.checkpoint as dcp
+
     out = tmp_path / "OUT"
-    run = kd_train(
-        "model=tiny", "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=1", "export.enabled=true",
-        f"hydra.run.dir={out}", cwd=tmp_path,
-    )
+    common = ("model=tiny", "trainer=fsdp", "trainer.devices=2", "export.enabled=true", f"hydra.run.dir={out}")
+    run = kd_train(*common, "trainer.max_steps=1", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (out / "checkpoints" / "last.ckpt").is_dir()
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    keys = list(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert any(key.startswith("state_dict.student.") for key in keys) and not [key for key in keys if "teacher" in key]
     main([str(out), str(tmp_path / "exported")])
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     at_end = AutoModelForCausalLM.from_pretrained(out / "student")
     torch.testing.assert_close(logits(exported), logits(at_end), rtol=0, atol=0)
     _, initial, _ = load_run(out, "student-init")
     assert not torch.equal(logits(exported), logits(initial))  # the trained weights, not the initial ones
+    resumed = kd_train(*common, "trainer.max_steps=2", "ckpt_path=last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states" in resumed.stdout + resumed.stderr
+    assert torch.load(checkpoint / "meta.pt", weights_only=False)["global_step"] == 2
 
 
 def test_load_run_builds_only_the_role_it_loads(tiny_run, monkeypatch):

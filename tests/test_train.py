@@ -244,9 +244,11 @@ def test_ddp_run_and_resume_from_the_command_line(tmp_path):
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_fsdp_run_and_resume_from_the_command_line(tmp_path):
     """`trainer=fsdp`: FSDP2 over 2 CPU processes (gloo); the distributed checkpoint holds
-    no teacher shard and resumes."""
+    no teacher shard and resumes. Slow: in the default suite, test_export's
+    test_export_of_an_fsdp_checkpoint_and_its_resume makes the same checks on the runs it exports."""
     import torch.distributed.checkpoint as dcp
 
     out = tmp_path / "OUT"
