@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from kd_lightning import DistillationModule, losses
 from kd_lightning.cache import CachedTeacher, TeacherCacheWriter
@@ -62,8 +63,9 @@ def recipe(model: str, teacher_gguf: Path | None):
     with initialize_config_module("kd_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if teacher_gguf is not None:
-        for part in (cfg.model.teacher, cfg.model.tokenizer):
-            part.gguf_file = teacher_gguf.name
+        with open_dict(cfg):
+            for part in (cfg.model.teacher, cfg.model.tokenizer):
+                part.gguf_file = teacher_gguf.name
     tokenizer = instantiate(cfg.model.tokenizer)
     data = instantiate(cfg.data, tokenizer=tokenizer)
     data.setup()
