@@ -65,6 +65,12 @@ ARMS = {
 GROUPS = ("core", "temperature", "csd", "adakd", "topk")
 #: group → the teacher cache its arms train from (a directory of --cache) and how kd-cache builds it
 CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP_K}"])}
+DEFAULT_CACHE = ("train", [])
+
+
+def arm_cache(arm: str) -> tuple[str, list[str]]:
+    """The teacher cache ``arm`` trains from: its directory in --cache and its kd-cache overrides."""
+    return CACHES.get(ARMS[arm][0], DEFAULT_CACHE) if arm in ARMS else DEFAULT_CACHE
 EVAL_PROMPTS = 100
 COLUMNS = ("divergence", "temperature", "selection", "teacher_outputs", "seed", "examples", "metric", "dataset", "value")
 
@@ -197,7 +203,7 @@ def collect(rows_dir: Path, table: Path, pattern: str) -> None:
 def description(arm: str, seed: int, examples: int) -> dict:
     overrides = dict(item.split("=", 1) for item in ARMS[arm][1]) if arm in ARMS else {}
     divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
-    cache = dict(item.split("=", 1) for item in CACHES[ARMS[arm][0]][1]) if arm in ARMS and ARMS[arm][0] in CACHES else {}
+    cache = dict(item.split("=", 1) for item in arm_cache(arm)[1])
     return {
         "divergence": divergence,
         "temperature": overrides.get("temperature", ""),
@@ -239,8 +245,7 @@ def main() -> None:
         if not rows.exists():
             with claim(run_dir) as mine:
                 if mine:
-                    cache = CACHES[ARMS[arm][0]][0] if arm in ARMS and ARMS[arm][0] in CACHES else "train"
-                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / cache)
+                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / arm_cache(arm)[0])
                     described = description(arm, seed, examples_seen(run_dir))
                     evaluate(run_dir, "student", described, args.cache / "dolly-test", rows, args.prompts)
                     if not args.keep_checkpoints:
