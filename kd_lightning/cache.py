@@ -6,7 +6,10 @@ examples and stores, for every counted position (a position whose next token is 
 response token), its final hidden state ``h`` — the input of the lm_head — together
 with the lm_head weight ``W``. Training then recomputes the teacher's logits as
 ``t = h Wᵀ`` inside the loss, exactly as the live teacher does, so every divergence,
-temperature (per token too) and token policy sees the same logits.
+temperature (per token too) and token policy sees the same logits. With a teacher of
+another tokenizer (``cross_tokenizer``) the teacher's side is its own tokenisation of the
+examples (``data.cross_tokenizer.teacher_side``): the states of every position that
+predicts one of its response tokens, read back at the aligned groups' positions.
 
 Layout of a cache directory::
 

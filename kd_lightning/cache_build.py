@@ -2,6 +2,7 @@
 
     kd-cache <kd-train overrides> teacher_cache=DIR                                # exact: hidden states
     kd-cache <kd-train overrides> teacher_cache=DIR cache.format=topk cache.top_k=32  # top-k log-probabilities
+    kd-cache model=hf … cross_tokenizer=hybrid teacher_cache=DIR   # the teacher on its own tokens (exact only)
 
 The fingerprint says what the stored outputs depend on (teacher, its files, tokenizer,
 data, max_length, template) and how they are stored (dtype, format, K); ``kd-train
@@ -19,6 +20,8 @@ import torch
 
 from kd_lightning.cache import TeacherCacheWriter, file_sha256, text_sha256
 from kd_lightning.constants import PLAIN_TEMPLATE, PLAIN_TEMPLATE_WITH_INPUT
+from kd_lightning.cross_tokenizer import check_cross_tokenizer_cache
+from kd_lightning.data.cross_tokenizer import teacher_side
 from kd_lightning.locking import directory_lock
 from kd_lightning.models import frozen
 from kd_lightning.precision import cpu_bf16_matmuls
@@ -46,9 +49,12 @@ def teacher_files(teacher_config: dict) -> dict[str, str]:
 
 def run_fingerprint(cfg, tokenizer, datamodule) -> dict:
     """What a run's teacher outputs depend on, from its config (``cache.FINGERPRINT_FIELDS``),
-    and how ``kd-cache`` stores them: ``dtype``, and for the top-k format ``format`` and ``top_k``."""
+    and how ``kd-cache`` stores them: ``dtype``, and for the top-k format ``format`` and ``top_k``.
+    ``tokenizer`` and its template are the ones the teacher reads: with ``cross_tokenizer``,
+    the data module's ``teacher_tokenizer``."""
     from omegaconf import OmegaConf
 
+    tokenizer = getattr(datamodule, "teacher_tokenizer", tokenizer)
     teacher = OmegaConf.to_container(cfg.model.teacher, resolve=True)
     if datamodule.path is None:
         data = {"dataset": datamodule.dataset._fingerprint}
@@ -95,8 +101,13 @@ def build(cfg) -> Path:
 
     if not cfg.teacher_cache:
         raise ValueError("give the directory to write: kd-cache teacher_cache=DIR (and the same overrides as kd-train)")
-    tokenizer = instantiate(cfg.model.tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    from kd_lightning.train import tokenizers_and_data  # kd-train's data, as kd-train builds it
+
+    tokenizer, datamodule, cross_tokenizer = tokenizers_and_data(cfg)
+    collate = datamodule.collate
+    if cross_tokenizer is not None:  # the teacher's own tokens, as a one-tokenizer batch
+        check_cross_tokenizer_cache(cfg.cache.format, cross_tokenizer.name)
+        tokenizer, collate = datamodule.teacher_tokenizer, lambda examples: teacher_side(datamodule.collate(examples))
     datamodule.setup()
     fingerprint = run_fingerprint(cfg, tokenizer, datamodule)
     Path(cfg.teacher_cache).mkdir(parents=True, exist_ok=True)
@@ -108,7 +119,7 @@ def build(cfg) -> Path:
         started = time.perf_counter()
         with cpu_bf16_matmuls(device.type):  # a bf16 teacher on a CPU without native bf16
             manifest = writer.write(
-                teacher, {"train": datamodule.train_set, "validation": datamodule.val_set}, datamodule.collate,
+                teacher, {"train": datamodule.train_set, "validation": datamodule.val_set}, collate,
                 cfg.data.batch_size, device,
             )
     size = sum((writer.directory / "shards" / shard["file"]).stat().st_size for shard in manifest["shards"])

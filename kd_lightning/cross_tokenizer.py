@@ -2,7 +2,8 @@
 
 A batch from ``data.cross_tokenizer.CrossTokenizerDataModule`` holds each side's own
 tokens and the aligned groups. The student runs on its ids, the teacher (under
-``torch.no_grad``) on its own; each side's final hidden states are gathered at the
+``torch.no_grad``) on its own, or its states come from a teacher cache of its own tokens
+(``kd-cache`` with the same ``cross_tokenizer``; an exact cache only); each side's final hidden states are gathered at the
 position predicting each group's first token, where both models have read the same
 text. Per group g, with ``z_g = lm_head_s(h_s)`` cut to the student tokenizer's ``V_s``
 rows and ``t_g = lm_head_t(h_t)`` cut to ``V_t``:
@@ -41,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedTokenizerBase
 
 from kd_lightning import losses
-from kd_lightning.data.cross_tokenizer import GROUP_KEYS
+from kd_lightning.data.cross_tokenizer import GROUP_KEYS, counted_rows_at, teacher_side
 from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.heads import GlobalMean
 from kd_lightning.losses.fused import cross_entropy_per_token
@@ -51,6 +52,18 @@ from kd_lightning.tokens import TokenBatch
 from kd_lightning.vocabulary import VocabularyMatch, match_vocabularies
 
 OBJECTIVES = ("uld", "gold", "hybrid")
+
+
+def check_cross_tokenizer_cache(cache_format: str, objective: str) -> None:
+    """Refuses a top-k teacher cache for a cross-tokenizer objective: ``hybrid`` and ``gold``
+    need the teacher's probability of every matched id, ``uld`` its whole sorted
+    distribution, and a top-k cache holds K of them."""
+    if cache_format != "exact":
+        raise ValueError(
+            f"cross_tokenizer={objective} cannot train from a {cache_format} teacher cache: it needs the teacher's "
+            "probability of every matched id (hybrid, gold) or its whole sorted distribution (uld), not the top K; "
+            "build an exact cache (cache.format=exact) with kd-cache and the same overrides"
+        )
 
 
 def identity_match(vocabulary_size: int) -> VocabularyMatch:
@@ -104,20 +117,30 @@ class GroupStates:
 
     @classmethod
     def of(cls, student: nn.Module, teacher: nn.Module, batch: dict) -> GroupStates:
-        missing = [key for key in ("teacher_input_ids", *GROUP_KEYS) if key not in batch]
+        missing = [key for key in ("teacher_input_ids", "teacher_labels", *GROUP_KEYS) if key not in batch]
         if missing:
             raise KeyError(f"a cross-tokenizer batch (CrossTokenizerDataModule) holds {', '.join(missing)}; this one does not")
         student_hidden = last_hidden_state(student, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-        with torch.no_grad():
-            teacher_inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-            teacher_hidden = last_hidden_state(teacher, teacher_inputs)
         counted = counted_positions(batch["labels"])
         return cls(
             student=student_hidden.flatten(0, 1)[batch["group_student_positions"]],
-            teacher=teacher_hidden.flatten(0, 1)[batch["group_teacher_positions"]],
+            teacher=teacher_group_states(teacher, batch),
             counted_student=student_hidden[:, :-1][counted],
             labels=batch["labels"][:, 1:][counted],
         )
+
+
+@torch.no_grad()
+def teacher_group_states(teacher: nn.Module, batch: dict) -> Tensor:
+    """``[G, Ht]``: the teacher's final hidden states at the groups' first predicting
+    positions, from the live teacher on its own tokens or from a teacher cache of them
+    (``kd-cache`` with the same ``cross_tokenizer``), which stores every counted position."""
+    side = teacher_side(batch)
+    if hasattr(teacher, "counted_outputs"):
+        rows = counted_rows_at(side["labels"], batch["group_teacher_positions"])
+        return teacher.counted_outputs(side)[rows.to(teacher.lm_head.weight.device)]
+    hidden = last_hidden_state(teacher, {key: side[key] for key in ("input_ids", "attention_mask")})
+    return hidden.flatten(0, 1)[batch["group_teacher_positions"]]
 
 
 def chunks(count: int, chunk_size: int) -> Iterator[slice]:

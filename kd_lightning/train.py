@@ -21,10 +21,10 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from kd_lightning.cache import open_cache
+from kd_lightning.cache import open_cache, read_fingerprint
 from kd_lightning.cache_build import run_fingerprint
 from kd_lightning.cli import compact_errors
-from kd_lightning.cross_tokenizer import CrossTokenizer, tokenizer_match
+from kd_lightning.cross_tokenizer import CrossTokenizer, check_cross_tokenizer_cache, tokenizer_match
 from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
 from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
 from kd_lightning.precision import Float32MatmulsForBf16, cpu_has_bf16
@@ -39,7 +39,7 @@ def fit(cfg: DictConfig) -> L.Trainer:
     tokenizer, datamodule, cross_tokenizer = tokenizers_and_data(cfg)
     student, teacher = instantiate(cfg.model.student), instantiate(cfg.model.teacher)
     if cfg.teacher_cache:
-        check_cacheable(cfg)
+        check_cacheable(cfg, cross_tokenizer)
         if copies_teacher(student):  # built from the live teacher, which is freed before training
             student = partial(build_student, student, teacher)
         teacher = partial(open_cache, cfg.teacher_cache, run_fingerprint(cfg, tokenizer, datamodule))
@@ -80,8 +80,6 @@ def tokenizers_and_data(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, L.Lig
     settings = OmegaConf.to_container(cfg.cross_tokenizer, resolve=True)
     name = settings.pop("name")
     if name != "none":
-        if cfg.teacher_cache:
-            raise ValueError(f"cross_tokenizer={name} trains from the live teacher: a teacher cache of its own tokens is not supported yet")
         if teacher_tokenizer is None or student_tokenizer is None:
             tokenizer = instantiate(cfg.model.tokenizer)
             teacher_tokenizer, student_tokenizer = teacher_tokenizer or tokenizer, student_tokenizer or tokenizer
@@ -148,7 +146,11 @@ def check_temperature_keys(cfg: DictConfig) -> None:
         raise ValueError(temperature_keys_message("module.temperature"))
 
 
-def check_cacheable(cfg: DictConfig) -> None:
+def check_cacheable(cfg: DictConfig, cross_tokenizer: CrossTokenizer | None) -> None:
+    """Refuses a teacher cache to a run it cannot serve: on-policy, or a cross-tokenizer
+    objective from a top-k cache."""
+    if cross_tokenizer is not None:
+        check_cross_tokenizer_cache(read_fingerprint(Path(cfg.teacher_cache)).get("format", "exact"), cross_tokenizer.name)
     if "student_responses" in cfg.callbacks:
         raise ValueError(
             f"policy={cfg.policy.name} trains on responses the student generates, which the teacher must score "

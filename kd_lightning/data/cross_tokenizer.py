@@ -8,7 +8,9 @@ tokenisations of the response are aligned (``kd_lightning.alignment``): groups c
 the byte offsets where both sides end a token, the EOS markers form the last group.
 
 A batch holds the student's ``input_ids``, ``attention_mask`` and ``labels`` (as for one
-tokenizer), the teacher's ``teacher_input_ids`` and ``teacher_attention_mask``, and the
+tokenizer), the teacher's ``teacher_input_ids``, ``teacher_attention_mask`` and
+``teacher_labels`` (its response tokens; ``teacher_side`` makes them a one-tokenizer batch
+of the teacher's, which is what ``kd-cache`` stores), and the
 groups of ``alignment.batch_groups`` flattened to tensors under ``GROUP_KEYS``: the
 position predicting each group's first token on each side (indices into the batch's
 ``[rows × length]`` flattened sequences of that side), the group sizes and the example
@@ -35,7 +37,7 @@ from kd_lightning.alignment import (
     response_tokens,
 )
 from kd_lightning.constants import IGNORE_INDEX
-from kd_lightning.data.datamodule import InstructionDataModule, example_segments
+from kd_lightning.data.datamodule import InstructionDataModule, counted_positions, example_segments
 
 #: the batch keys of the groups, and the ``GroupBatch`` field each holds
 GROUP_KEYS = {
@@ -51,7 +53,8 @@ ALIGNMENT_FIELDS = (
 )
 #: an example with no group within max_length, every column present (the data set's columns are the first example's)
 DROPPED = {
-    "input_ids": [], "labels": [], "attention_mask": [], "teacher_input_ids": [], "teacher_attention_mask": [],
+    "input_ids": [], "labels": [], "attention_mask": [],
+    "teacher_input_ids": [], "teacher_attention_mask": [], "teacher_labels": [],
     "student_response_start": 0, "teacher_response_start": 0,
     **{f"alignment_{field}": [] for field in ALIGNMENT_FIELDS}, "truncated": False,
 }
@@ -103,6 +106,7 @@ def encode_cross_example(
         "attention_mask": [1] * len(input_ids),
         "teacher_input_ids": teacher_ids,
         "teacher_attention_mask": [1] * len(teacher_ids),
+        "teacher_labels": [IGNORE_INDEX] * teacher.response_start + teacher_ids[teacher.response_start :],
         "student_response_start": student.response_start,
         "teacher_response_start": teacher.response_start,
         **{f"alignment_{field}": getattr(kept, field).tolist() for field in ALIGNMENT_FIELDS},
@@ -130,6 +134,7 @@ class GroupCollator:
             "labels": padded([example["labels"] for example in examples], IGNORE_INDEX),
             "teacher_input_ids": padded([example["teacher_input_ids"] for example in examples], self.teacher_pad_id),
             "teacher_attention_mask": padded([example["teacher_attention_mask"] for example in examples], 0),
+            "teacher_labels": padded([example["teacher_labels"] for example in examples], IGNORE_INDEX),
         }
         if "record" in examples[0]:
             batch["record"] = torch.tensor([example["record"] for example in examples], dtype=torch.long)
@@ -141,6 +146,25 @@ class GroupCollator:
             batch["teacher_input_ids"].shape[1],
         )
         return batch | {key: getattr(groups, field) for key, field in GROUP_KEYS.items()}
+
+
+def teacher_side(batch: dict) -> dict[str, Tensor]:
+    """The teacher's half of a batch as a one-tokenizer batch (``input_ids``,
+    ``attention_mask``, ``labels``, ``record``): what a teacher cache is built from and read by."""
+    side = {key: batch[f"teacher_{key}"] for key in ("input_ids", "attention_mask", "labels")}
+    return side | ({"record": batch["record"]} if "record" in batch else {})
+
+
+def counted_rows_at(labels: Tensor, positions: Tensor) -> Tensor:
+    """The rows of ``hidden[:, :-1][counted_positions(labels)]`` (a cache's row order) that
+    hold the flat ``positions`` (indices into the batch's ``[rows × length]`` sequences);
+    each must be a counted position, as the group positions of ``GROUP_KEYS`` are."""
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = counted_positions(labels)
+    counted = counted.flatten()
+    if not bool(counted[positions].all()):
+        raise ValueError("a group position does not predict a response token: the batch's groups and labels disagree")
+    return (counted.cumsum(0) - 1)[positions]
 
 
 def stored_alignment(example: dict) -> Alignment:
