@@ -25,13 +25,19 @@ identity match it is the same-tokenizer difficulty.
 **Cost.** Groups are visited ``chunk_size`` at a time; each chunk's logits are computed
 inside ``torch.utils.checkpoint``, so neither side ever holds more than
 ``chunk_size × V`` logits and the backward pass recomputes one chunk at a time.
-Later positions of multi-token groups carry no term (``later_positions="none"``); the
-other choices of ``losses.cross_tokenizer`` need the later tokens' log-probabilities,
-which this head does not gather yet, and are refused. For the same reason ``gold`` runs
-here without GOLD's merge (as if every group were one token on each side).
+
+**Later positions of multi-token groups.** With ``later_positions="none"`` (``hybrid``'s
+and ``uld``'s default) they carry no term. ``gold`` (always), ``uld`` with ``"merge"`` and
+``hybrid`` with ``"group_probability"`` also use ``L = Σ_{k≥1} log q_k(x_k)`` per group and
+side: the log-probability, at the group's τ, that each position predicting one of the
+group's later tokens gives that token (``LaterPositions``; GOLD's merge clamps each factor
+at 1e-8). The student's ``L`` carries gradient to those positions; both are computed a
+chunk of positions at a time, checkpointed like the groups, for the kept groups only.
 """
 
 from __future__ import annotations
+
+import math
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,7 +52,7 @@ from kd_lightning.data.cross_tokenizer import GROUP_KEYS, counted_rows_at, teach
 from kd_lightning.data.datamodule import counted_positions
 from kd_lightning.heads import GlobalMean
 from kd_lightning.losses.fused import cross_entropy_per_token
-from kd_lightning.losses.group_terms import MatchedIds
+from kd_lightning.losses.group_terms import LaterTokens, MatchedIds, later_token_log_probs
 from kd_lightning.models import last_hidden_state, lm_head
 from kd_lightning.tokens import TokenBatch
 from kd_lightning.vocabulary import VocabularyMatch, match_vocabularies
@@ -89,58 +95,95 @@ class CrossTokenizer:
 
     def __init__(self, name: str, match: VocabularyMatch, params: dict | None = None):
         self.name, self.match, self.params = name, match, dict(params or {})
-        if self.params.get("later_positions", "none") != "none":
-            raise ValueError(
-                f"cross_tokenizer.later_positions={self.params['later_positions']!r} is not wired into training yet; "
-                "use later_positions=none (only each group's first position carries a term)"
-            )
         losses.cross_tokenizer.objective(self.name, losses.get("fkl"), **self.params)  # an unknown name or parameter fails here
+        later_positions = self.params.get("later_positions", "none")
+        self.uses_later_tokens = name == "gold" or later_positions != "none"
+        merges = name == "gold" or later_positions == "merge"  # GOLD's merge clamps each factor at 1e-8
+        self.later_floor = math.log(losses.gold.GOLD_PROBABILITY_FLOOR) if merges else None
 
     def head(self, student: nn.Module, teacher: nn.Module, batch: dict, divergence: losses.Divergence,
              ce_weight: float, selective: bool, chunk_size: int) -> CrossTokenizerHead:
         """The loss head of ``batch`` with this objective at the run's ``divergence``."""
         objective = losses.cross_tokenizer.objective(self.name, divergence, **self.params)
-        states = GroupStates.of(student, teacher, batch)
+        states = GroupStates.of(student, teacher, batch, self.uses_later_tokens)
         return CrossTokenizerHead(objective, self.match, states, ce_weight, selective, lm_head(student),
-                                  lm_head(teacher), chunk_size)
+                                  lm_head(teacher), chunk_size, self.later_floor)
+
+
+@dataclass
+class LaterPositions:
+    """One side's positions that predict the later tokens of multi-token groups: their final
+    hidden states, the tokens they predict and their groups; with each group's first token
+    and size on that side (what ``losses.cross_tokenizer.LaterTokens`` needs besides ``L``)."""
+
+    hidden: Tensor  # [n, H]
+    ids: Tensor  # [n]
+    groups: Tensor  # [n], into the batch's groups
+    first_ids: Tensor  # [G]
+    sizes: Tensor  # [G]
+
+
+def later_positions(first_positions: Tensor, sizes: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The flat positions (into ``input_ids.flatten()``) predicting each group's tokens after
+    its first, their group, and each group's first token. A group's tokens are consecutive:
+    position ``first + k`` predicts its token ``k`` for ``k < size``."""
+    later = sizes - 1
+    groups = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), later)
+    steps = torch.arange(len(groups), device=sizes.device) - (later.cumsum(0) - later)[groups] + 1
+    return first_positions[groups] + steps, groups, input_ids.flatten()[first_positions + 1]
 
 
 @dataclass
 class GroupStates:
-    """Both models' final hidden states at the groups' first predicting positions, and the
-    student's at its counted tokens (for the cross-entropy)."""
+    """Both models' final hidden states at the groups' first predicting positions (and at
+    their later positions, where the objective uses them), and the student's at its counted
+    tokens (for the cross-entropy)."""
 
     student: Tensor  # [G, Hs], with gradient
     teacher: Tensor  # [G, Ht], without gradient
     counted_student: Tensor  # [N, Hs], with gradient
     labels: Tensor  # [N] the student's counted labels
+    student_later: LaterPositions | None = None
+    teacher_later: LaterPositions | None = None
 
     @classmethod
-    def of(cls, student: nn.Module, teacher: nn.Module, batch: dict) -> GroupStates:
+    def of(cls, student: nn.Module, teacher: nn.Module, batch: dict, with_later: bool = False) -> GroupStates:
         missing = [key for key in ("teacher_input_ids", "teacher_labels", *GROUP_KEYS) if key not in batch]
         if missing:
             raise KeyError(f"a cross-tokenizer batch (CrossTokenizerDataModule) holds {', '.join(missing)}; this one does not")
         student_hidden = last_hidden_state(student, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         counted = counted_positions(batch["labels"])
-        return cls(
+        sides = [("student", batch["input_ids"]), ("teacher", batch["teacher_input_ids"])]
+        later = {side: later_positions(batch[f"group_{side}_positions"], batch[f"group_{side}_sizes"], ids)
+                 for side, ids in sides} if with_later else {}
+        flat_positions = [batch["group_teacher_positions"]] + ([later["teacher"][0]] if with_later else [])
+        teacher_states = teacher_states_at(teacher, batch, flat_positions)
+        states = cls(
             student=student_hidden.flatten(0, 1)[batch["group_student_positions"]],
-            teacher=teacher_group_states(teacher, batch),
+            teacher=teacher_states[0],
             counted_student=student_hidden[:, :-1][counted],
             labels=batch["labels"][:, 1:][counted],
         )
+        if with_later:
+            for side, ids in sides:
+                positions, groups, first_ids = later[side]
+                hidden = student_hidden.flatten(0, 1)[positions] if side == "student" else teacher_states[1]
+                setattr(states, f"{side}_later", LaterPositions(
+                    hidden, ids.flatten()[positions + 1], groups, first_ids, batch[f"group_{side}_sizes"]))
+        return states
 
 
 @torch.no_grad()
-def teacher_group_states(teacher: nn.Module, batch: dict) -> Tensor:
-    """``[G, Ht]``: the teacher's final hidden states at the groups' first predicting
-    positions, from the live teacher on its own tokens or from a teacher cache of them
-    (``kd-cache`` with the same ``cross_tokenizer``), which stores every counted position."""
+def teacher_states_at(teacher: nn.Module, batch: dict, flat_positions: list[Tensor]) -> list[Tensor]:
+    """The teacher's final hidden states at each of ``flat_positions`` (counted positions of
+    its own tokens, flat indices), from the live teacher or from a teacher cache of its own
+    tokens (``kd-cache`` with the same ``cross_tokenizer``), which stores every counted position."""
     side = teacher_side(batch)
     if hasattr(teacher, "counted_outputs"):
-        rows = counted_rows_at(side["labels"], batch["group_teacher_positions"])
-        return teacher.counted_outputs(side)[rows.to(teacher.lm_head.weight.device)]
-    hidden = last_hidden_state(teacher, {key: side[key] for key in ("input_ids", "attention_mask")})
-    return hidden.flatten(0, 1)[batch["group_teacher_positions"]]
+        stored = teacher.counted_outputs(side)
+        return [stored[counted_rows_at(side["labels"], positions).to(stored.device)] for positions in flat_positions]
+    hidden = last_hidden_state(teacher, {key: side[key] for key in ("input_ids", "attention_mask")}).flatten(0, 1)
+    return [hidden[positions] for positions in flat_positions]
 
 
 def chunks(count: int, chunk_size: int) -> Iterator[slice]:
@@ -159,8 +202,9 @@ class CrossTokenizerHead:
     """The loss head over aligned groups (see the module docstring): one loss unit per group."""
 
     def __init__(self, objective: losses.cross_tokenizer.Objective, match: VocabularyMatch, states: GroupStates,
-                 ce_weight: float, selective: bool, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int):
-        self.objective, self.match, self.states = objective, match, states
+                 ce_weight: float, selective: bool, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int,
+                 later_floor: float | None = None):
+        self.objective, self.match, self.states, self.later_floor = objective, match, states, later_floor
         self.ce_weight, self.chunk_size = ce_weight, chunk_size
         self.student_head, self.teacher_head = student_head, teacher_head
         self.scaled_by_tau_sq = objective.scaled_by_tau_sq
@@ -189,19 +233,49 @@ class CrossTokenizerHead:
                 ))
         return torch.cat(values) if values else self.states.student.new_zeros(0, dtype=torch.float32)
 
-    def group_losses(self, student_hidden: Tensor, teacher_hidden: Tensor, temperature: Tensor) -> Tensor:
-        """The objective of one chunk of groups, from their hidden states."""
+    def group_losses(self, student_hidden: Tensor, teacher_hidden: Tensor, temperature: Tensor, *later: Tensor) -> Tensor:
+        """The objective of one chunk of groups, from their hidden states (and the six
+        ``LaterTokens`` fields of the chunk's groups where the objective uses them)."""
         with torch.no_grad():
             teacher_logits = self.teacher_logits(teacher_hidden)
-        return self.objective(self.student_logits(student_hidden), teacher_logits, self.match, temperature)
+        later_tokens = LaterTokens(*later) if later else None
+        return self.objective(self.student_logits(student_hidden), teacher_logits, self.match, temperature, later_tokens)
+
+    def later_log_probs(self, side: LaterPositions, logits: Callable[[Tensor], Tensor], tokens: TokenBatch) -> Tensor:
+        """``L_g = Σ_{k≥1} log q_k(x_k)`` per group ``[G]`` at the group's τ, over the kept
+        groups' later positions (0 for the others), a checkpointed chunk of positions at a time."""
+        kept = tokens.keep[side.groups]
+        hidden, ids, groups = side.hidden[kept], side.ids[kept], side.groups[kept]
+        temperature = tokens.temperature.to(hidden.dtype)[groups]
+        count = len(tokens.keep)
+
+        def chunk_sum(rows_hidden: Tensor, rows_ids: Tensor, rows_groups: Tensor, rows_temperature: Tensor) -> Tensor:
+            return later_token_log_probs(logits(rows_hidden), rows_ids, rows_groups, count, rows_temperature, self.later_floor)
+
+        parts = [checkpointed(chunk_sum, hidden[rows], ids[rows], groups[rows], temperature[rows])
+                 for rows in chunks(len(hidden), self.chunk_size)]
+        return torch.stack(parts).sum(0) if parts else hidden.new_zeros(count, dtype=torch.float32)
+
+    def later_tokens(self, tokens: TokenBatch) -> list[Tensor]:
+        """The ``LaterTokens`` fields of the kept groups, in its order; empty where the
+        objective uses only the groups' first positions."""
+        student, teacher = self.states.student_later, self.states.teacher_later
+        if student is None:
+            return []
+        with torch.no_grad():
+            teacher_log_probs = self.later_log_probs(teacher, self.teacher_logits, tokens)
+        student_log_probs = self.later_log_probs(student, self.student_logits, tokens)
+        fields = (student_log_probs, teacher_log_probs, student.first_ids, teacher.first_ids, student.sizes, teacher.sizes)
+        return [field[tokens.keep] for field in fields]
 
     def kept_losses(self, tokens: TokenBatch, weights: Tensor, mean: GlobalMean) -> tuple[Tensor, Tensor]:
         """The objective of the kept groups at their τ (to be weighted by ``weights``) and the
         student's cross-entropy on every counted token, chunk by chunk, ready to backpropagate."""
         student, teacher = self.states.student[tokens.keep], self.states.teacher[tokens.keep]
         temperature = tokens.temperature[tokens.keep].to(student.dtype)
+        later = self.later_tokens(tokens)
         per_group = [
-            checkpointed(self.group_losses, student[rows], teacher[rows], temperature[rows])
+            checkpointed(self.group_losses, student[rows], teacher[rows], temperature[rows], *(field[rows] for field in later))
             for rows in chunks(len(student), self.chunk_size)
         ]
         empty = student.new_zeros(0, dtype=torch.float32)

@@ -165,12 +165,9 @@ def test_different_tokenizers_without_cross_tokenizer_name_the_options(cross_dir
         fit(compose_config(tmp_path / "run", *cross_overrides(cross_dirs, tmp_path, "none")))
 
 
-def test_unwired_later_positions_and_unknown_parameters_are_refused():
-    match = identity_match(8)
-    with pytest.raises(ValueError, match="later_positions='group_probability' is not wired into training yet"):
-        CrossTokenizer("hybrid", match, {"later_positions": "group_probability"})
+def test_an_unknown_parameter_is_refused():
     with pytest.raises(ValueError, match="objective 'uld' takes no parameter beta"):
-        CrossTokenizer("uld", match, {"beta": 0.5})
+        CrossTokenizer("uld", identity_match(8), {"beta": 0.5})
 
 
 @pytest.mark.slow
