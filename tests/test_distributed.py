@@ -10,7 +10,9 @@ import torch
 
 from kd_lightning import DistillationModule, InstructionDataModule
 from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, TokenPolicy
+from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
 from kd_lightning.models import tiny_causal_lm
+from test_cross_tokenizer_training import cross_dirs, write_records  # noqa: F401 (cross_dirs is a fixture)
 
 
 class FixedFocus(LossAdaptiveTokenFocusing):
@@ -75,6 +77,34 @@ class FirstFourExamples(InstructionDataModule):
         return self.loader(self.train_set.select(range(rank, 4, world_size)), shuffle=False)
 
 
+def one_step(devices, strategy, module_factory, datamodule):
+    """The loss and student weights after one SGD step of ``module_factory()`` on ``datamodule``'s
+    first four examples, on one process or two under ``strategy``."""
+    module = module_factory()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=parallel_strategy(strategy) if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule)
+    return trainer.callback_metrics["train/loss"], [p.detach().clone() for p in module.student.parameters()]
+
+
+def assert_two_ranks_equal_one(strategy, module_factory, datamodule_factory):
+    single_loss, single_weights = one_step(1, strategy, module_factory, datamodule_factory(4))
+    double_loss, double_weights = one_step(2, strategy, module_factory, datamodule_factory(2))
+    torch.testing.assert_close(double_loss, single_loss)
+    for double, single in zip(double_weights if strategy == "ddp" else [], single_weights):
+        torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(strategy, tokenizer, records):
     """Loss (and, under DDP, the update) of a 2-process step equal those of 1 process on the
@@ -82,31 +112,44 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(strategy, tokenizer, 
     (FSDP's sharded weights stay in the processes; its loss is compared.)"""
     from functools import partial
 
-    def one_step(devices):
-        datamodule = FirstFourExamples(tokenizer, dataset=records, max_length=256, val_size=4, batch_size=4 // devices)
-        module = DistillationModule(
+    def module():
+        return DistillationModule(
             student=tiny_causal_lm(seed=2),
             teacher=tiny_causal_lm(num_layers=2, initializer_range=0.3, seed=1),
             optimizer=partial(torch.optim.SGD, lr=1.0),
             lr_scheduler="constant",
         )
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy=parallel_strategy(strategy) if devices > 1 else "auto",
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(module, datamodule)
-        return trainer.callback_metrics["train/loss"], [p.detach().clone() for p in module.student.parameters()]
 
-    single_loss, single_weights = one_step(1)
-    double_loss, double_weights = one_step(2)
-    torch.testing.assert_close(double_loss, single_loss)
-    for double, single in zip(double_weights if strategy == "ddp" else [], single_weights):
-        torch.testing.assert_close(double, single, rtol=1e-4, atol=1e-6)
+    def datamodule(batch_size):
+        return FirstFourExamples(tokenizer, dataset=records, max_length=256, val_size=4, batch_size=batch_size)
+
+    assert_two_ranks_equal_one(strategy, module, datamodule)
+
+
+class FirstFourCrossExamples(FirstFourExamples, CrossTokenizerDataModule):
+    """Examples 0-3 of a cross-tokenizer data set, split between the ranks as FirstFourExamples."""
+
+
+def test_two_ranks_equal_one_rank_across_tokenizers(cross_dirs, tmp_path):
+    """The same under DDP with a teacher of another tokenizer (cross_tokenizer=gold, GOLD's
+    merge included): the KD mean runs over the global batch's aligned groups."""
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd_lightning.cross_tokenizer import CrossTokenizer, tokenizer_match
+
+    teacher_tokenizer, student_tokenizer = (AutoTokenizer.from_pretrained(path) for path in cross_dirs)
+    cross = CrossTokenizer("gold", tokenizer_match(teacher_tokenizer, student_tokenizer))
+    path = write_records(tmp_path / "data.jsonl")
+
+    def module():
+        teacher, student = (AutoModelForCausalLM.from_pretrained(directory) for directory in cross_dirs)
+        return DistillationModule(student=student, teacher=teacher, cross_tokenizer=cross,
+                                  optimizer=partial(torch.optim.SGD, lr=1.0), lr_scheduler="constant")
+
+    def datamodule(batch_size):
+        return FirstFourCrossExamples(student_tokenizer, teacher_tokenizer, path=path, max_length=170, val_size=2,
+                                      batch_size=batch_size, shuffle=False)
+
+    assert_two_ranks_equal_one("ddp", module, datamodule)
