@@ -1,0 +1,61 @@
+"""Candidate cross-family teachers for the cross-tokenizer arms of the study, scored on the
+study's generation metrics, so that the teacher is chosen on what the students are scored on.
+
+    python results/candidate_teachers.py --gguf /models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \
+        --gguf /models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+
+Each GGUF file is loaded with its own tokenizer and chat template (dequantised to float32,
+evaluated under bf16 autocast as every study model) and answers the study's prompts:
+sampled and greedy ROUGE-L and the sampled answers' mean length on the first 100 prompts
+of Dolly test and Self-Instruct and all 80 of Vicuna (``study.generation_metrics``, the
+same seeds). Rows go to ``results/candidate_teachers/NAME.csv`` in the study's columns
+(``divergence`` names the model), with the evaluation's wall seconds as metric ``eval_seconds``;
+a model whose file exists is skipped. The default teacher's row is ``study_runs/teacher.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kd_lightning.models import load_causal_lm, load_tokenizer
+from kd_lightning.precision import cpu_bf16_matmuls
+from study import COLUMNS, EVAL_PROMPTS, generation_metrics
+
+
+def evaluate_candidate(gguf: Path, out: Path, prompts: int) -> None:
+    tokenizer = load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
+    model = load_causal_lm(str(gguf.parent), gguf_file=gguf.name).eval()
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16), cpu_bf16_matmuls("cpu"):
+        rows = generation_metrics(model, tokenizer, prompts)
+    rows.append(("eval_seconds", "all", time.perf_counter() - started))
+    described = {"divergence": gguf.stem, "temperature": "", "selection": "none", "teacher_outputs": "", "seed": 0, "examples": 0}
+    with open(str(out) + ".partial", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({**described, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"} for metric, dataset, value in rows)
+    os.replace(str(out) + ".partial", out)
+    print(f"{gguf.stem}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, action="append", required=True, help="a candidate teacher's GGUF file")
+    parser.add_argument("--rows", type=Path, default=Path(__file__).parent / "candidate_teachers")
+    parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
+    args = parser.parse_args()
+    args.rows.mkdir(parents=True, exist_ok=True)
+    for gguf in args.gguf:
+        out = args.rows / f"{gguf.stem}.csv"
+        if not out.exists():
+            evaluate_candidate(gguf, out, args.prompts)
+
+
+if __name__ == "__main__":
+    main()
