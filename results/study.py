@@ -3,6 +3,7 @@ cache and evaluated the same way, rows appended to results/study.csv as runs fin
 
     python results/study.py                 # all that is missing, core arms first
     python results/study.py --only pilot    # the learning-rate pilot (CE-only, seed 0)
+    python results/study.py --only cross --cross-teacher-gguf DIR/teacher.gguf   # a teacher of another family
     python results/study.py --only core --runs /tmp/s --cache /tmp/c --rows /tmp/r --table /tmp/s.csv \
         --prompts 2 --overrides model=tiny '~model.student.layers' trainer.max_steps=2   # a smoke run
 
@@ -61,18 +62,58 @@ ARMS = {
     "csd-ts-tau1": ("csd", ["divergence=csd", "divergence.weighting=ts", "temperature=1"]),
     "rkl-adakd-tau1": ("adakd", ["divergence=rkl", "selection=adakd", "temperature=1"]),
     f"fkl-top{TOP_K}-tau1": ("topk", ["divergence=fkl", "temperature=1"]),
+    # a teacher of another family (--cross-teacher-gguf): hybrid with FKL at the core arms' best τ
+    # for sampled ROUGE-L (2), uld and gold at their authors' τ = 1
+    "hybrid-fkl-tau2": ("cross", ["cross_tokenizer=hybrid", "divergence=fkl", "temperature=2"]),
+    "uld-tau1": ("cross", ["cross_tokenizer=uld", "temperature=1"]),
+    "gold-tau1": ("cross", ["cross_tokenizer=gold", "temperature=1"]),
 }
-GROUPS = ("core", "temperature", "csd", "adakd", "topk")
+GROUPS = ("core", "temperature", "csd", "adakd", "topk", "cross")
 #: group → the teacher cache its arms train from (a directory of --cache) and how kd-cache builds it
-CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP_K}"])}
+#: (the cross group's cache holds the teacher's own tokens, which serve all three objectives)
+CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP_K}"]),
+          "cross": ("train-cross", ["cross_tokenizer=hybrid"])}
 DEFAULT_CACHE = ("train", [])
+DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
 
 
 def arm_cache(arm: str) -> tuple[str, list[str]]:
     """The teacher cache ``arm`` trains from: its directory in --cache and its kd-cache overrides."""
     return CACHES.get(ARMS[arm][0], DEFAULT_CACHE) if arm in ARMS else DEFAULT_CACHE
 EVAL_PROMPTS = 100
-COLUMNS = ("divergence", "temperature", "selection", "teacher_outputs", "seed", "examples", "metric", "dataset", "value")
+COLUMNS = ("divergence", "temperature", "selection", "teacher", "teacher_outputs", "seed", "examples", "metric", "dataset", "value")
+
+
+def group_models(group: str, args) -> list[str]:
+    """The model overrides of a group's kd-cache and kd-train: for the cross group, the
+    teacher in ``--cross-teacher-gguf`` with its own tokenizer and the study's student,
+    exported once to ``--cache/student`` (``export_student``); none for the others."""
+    if group != "cross":
+        return []
+    if args.cross_teacher_gguf is None:
+        raise SystemExit("the cross group needs its teacher: --cross-teacher-gguf FILE (results/candidate_teachers.py)")
+    gguf = args.cross_teacher_gguf.resolve()
+    return ["model=hf", f"model.teacher_path={gguf.parent}", f"model.teacher_gguf_file={gguf.name}",
+            f"model.student_path={export_student(args.cache / 'student', args.overrides)}", "model.student.layers=null"]
+
+
+def export_student(directory: Path, extra: list[str]) -> Path:
+    """The study's untrained student (its default teacher's first 12 and last 3 layers) and
+    its tokenizer, saved once to ``directory``: the same initialisation for a teacher of another family."""
+    if not (directory / "config.json").exists():
+        from hydra import compose, initialize_config_module
+        from hydra.utils import instantiate
+
+        from kd_lightning.models import build_student
+
+        with initialize_config_module("kd_lightning.conf", version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=study", *extra])
+        student = build_student(instantiate(cfg.model.student), instantiate(cfg.model.teacher))
+        partial = directory.with_name(directory.name + ".partial")
+        student.save_pretrained(partial)
+        instantiate(cfg.model.tokenizer).save_pretrained(partial)
+        os.replace(partial, directory)
+    return directory
 
 
 def sh(*command: str) -> None:
@@ -80,13 +121,17 @@ def sh(*command: str) -> None:
     subprocess.run(command, check=True)
 
 
-def build_caches(cache: Path, extra: list[str], groups: list[str]) -> None:
+def build_caches(args, groups: list[str]) -> None:
     """The caches the ``groups`` train from (the exact one of the training data, a top-k
-    one), and the teacher's states for Dolly test (at 512 tokens), which every run is evaluated on."""
+    one, the cross-family teacher's), and the default teacher's states for Dolly test (at
+    512 tokens), which every run is evaluated on."""
+    cache, extra = args.cache, args.overrides
     if any(group not in CACHES for group in groups):
         sh("kd-cache", "experiment=study", *extra, f"teacher_cache={cache / 'train'}", f"hydra.run.dir={cache / 'train-log'}")
-    for name, overrides in (CACHES[group] for group in groups if group in CACHES):
-        sh("kd-cache", "experiment=study", *overrides, *extra, f"teacher_cache={cache / name}", f"hydra.run.dir={cache / f'{name}-log'}")
+    for group in (group for group in groups if group in CACHES):
+        name, overrides = CACHES[group]
+        sh("kd-cache", "experiment=study", *group_models(group, args), *overrides, *extra, f"teacher_cache={cache / name}",
+           f"hydra.run.dir={cache / f'{name}-log'}")
     sh(
         "kd-cache", "experiment=study", *extra, "data.path=dolly-test", "data.val_size=0", "data.max_train_examples=null",
         "data.max_length=512", f"teacher_cache={cache / 'dolly-test'}", f"hydra.run.dir={cache / 'dolly-test-log'}",
@@ -189,8 +234,9 @@ def evaluate_baselines(run_dir: Path, args) -> None:
 
 def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     rows = [row for path in sorted(rows_dir.glob(f"{pattern}.csv")) for row in csv.DictReader(path.open())]
-    for row in rows:  # rows written before top-k caches existed came from the exact one
+    for row in rows:  # rows written before these columns existed: the default teacher, its exact cache
         row["teacher_outputs"] = row.get("teacher_outputs") or "exact"
+        row["teacher"] = row.get("teacher") or DEFAULT_TEACHER
     if not rows:  # e.g. no pilot run among these rows: no empty table
         return
     with open(table, "w", newline="") as handle:
@@ -200,14 +246,19 @@ def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     print(f"{len(rows)} rows -> {table}", flush=True)
 
 
-def description(arm: str, seed: int, examples: int) -> dict:
+def description(arm: str, seed: int, examples: int, teacher: str = DEFAULT_TEACHER) -> dict:
+    """A row's description of ``arm``; ``divergence`` is the cross-tokenizer objective (with
+    hybrid's divergence, ``hybrid-fkl``) for the cross group."""
     overrides = dict(item.split("=", 1) for item in ARMS[arm][1]) if arm in ARMS else {}
     divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
+    if "cross_tokenizer" in overrides:
+        divergence = "-".join(filter(None, (overrides["cross_tokenizer"], overrides.get("divergence"))))
     cache = dict(item.split("=", 1) for item in arm_cache(arm)[1])
     return {
         "divergence": divergence,
         "temperature": overrides.get("temperature", ""),
         "selection": overrides.get("selection", "none"),
+        "teacher": teacher,
         "teacher_outputs": f"top-{cache['cache.top_k']}" if cache.get("cache.format") == "topk" else "exact",
         "seed": seed,
         "examples": examples,
@@ -234,10 +285,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["pilot", *GROUPS], nargs="+")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
     parser.add_argument("--overrides", nargs="*", default=[], help="for every kd-train and kd-cache (a smoke run: model=tiny …)")
+    parser.add_argument("--cross-teacher-gguf", type=Path, help="the cross group's teacher, a GGUF file with its own tokenizer")
     parser.add_argument("--keep-checkpoints", action="store_true", help="default: delete a run's checkpoints once evaluated")
     args = parser.parse_args()
-    groups = args.only or ["pilot", *GROUPS]
-    build_caches(args.cache, args.overrides, groups)
+    groups = args.only or ["pilot", *(group for group in GROUPS if group != "cross" or args.cross_teacher_gguf)]
+    build_caches(args, groups)
     args.rows.mkdir(parents=True, exist_ok=True)
     for arm, seed, overrides in plan(groups):
         name, run_dir = f"{arm}-seed{seed}", args.runs / f"{arm}-seed{seed}"
@@ -245,8 +297,10 @@ def main() -> None:
         if not rows.exists():
             with claim(run_dir) as mine:
                 if mine:
-                    train(run_dir, [*overrides, f"seed={seed}", *args.overrides], args.cache / arm_cache(arm)[0])
-                    described = description(arm, seed, examples_seen(run_dir))
+                    models = group_models(ARMS[arm][0] if arm in ARMS else "", args)
+                    train(run_dir, [*models, *overrides, f"seed={seed}", *args.overrides], args.cache / arm_cache(arm)[0])
+                    teacher = args.cross_teacher_gguf.stem if models else DEFAULT_TEACHER
+                    described = description(arm, seed, examples_seen(run_dir), teacher)
                     evaluate(run_dir, "student", described, args.cache / "dolly-test", rows, args.prompts)
                     if not args.keep_checkpoints:
                         for checkpoint in (run_dir / "checkpoints").glob("*.ckpt"):

@@ -4,6 +4,8 @@ sharing one runs directory keep out of each other's way."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
 from study import ARMS, COLUMNS, SEEDS, TOP_K, claim, collect, description, plan  # noqa: E402
 
@@ -29,22 +31,37 @@ def test_the_pilot_comes_first_and_the_core_runs_every_seed_before_the_other_gro
 
 def test_rows_describe_the_arm_as_the_table_columns_expect():
     assert description("rkl-adakd-tau1", 2, 2000) == {
-        "divergence": "rkl", "temperature": "1", "selection": "adakd", "teacher_outputs": "exact", "seed": 2, "examples": 2000,
+        "divergence": "rkl", "temperature": "1", "selection": "adakd", "teacher": "SmolLM2-135M-Instruct",
+        "teacher_outputs": "exact", "seed": 2, "examples": 2000,
     }
+    cross = description("hybrid-fkl-tau2", 0, 2000, teacher="qwen")
+    assert (cross["divergence"], cross["temperature"], cross["teacher"]) == ("hybrid-fkl", "2", "qwen")
+    assert description("gold-tau1", 0, 2000, teacher="qwen")["divergence"] == "gold"
     assert description(f"fkl-top{TOP_K}-tau1", 1, 2000)["teacher_outputs"] == f"top-{TOP_K}"
     assert description("pilot-ce-lr5e-4", 0, 2000)["divergence"] == "ce"
     assert description("teacher", 0, 0) == {
-        "divergence": "teacher", "temperature": "", "selection": "none", "teacher_outputs": "exact", "seed": 0, "examples": 0,
+        "divergence": "teacher", "temperature": "", "selection": "none", "teacher": "SmolLM2-135M-Instruct",
+        "teacher_outputs": "exact", "seed": 0, "examples": 0,
     }
 
 
-def test_rows_written_before_the_teacher_outputs_column_read_as_the_exact_cache(tmp_path):
+def test_rows_written_before_the_teacher_columns_read_as_the_default_teachers_exact_cache(tmp_path):
     rows_dir = tmp_path / "rows"
     rows_dir.mkdir()
-    old_columns = [column for column in COLUMNS if column != "teacher_outputs"]
+    old_columns = [column for column in COLUMNS if column not in ("teacher", "teacher_outputs")]
     (rows_dir / "fkl-tau1-seed0.csv").write_text(",".join(old_columns) + "\nfkl,1,none,0,2000,nll,dolly-test,4.5\n")
     collect(rows_dir, tmp_path / "study.csv", "*")
-    assert (tmp_path / "study.csv").read_text().splitlines()[1] == "fkl,1,none,exact,0,2000,nll,dolly-test,4.5"
+    assert (tmp_path / "study.csv").read_text().splitlines()[1] == "fkl,1,none,SmolLM2-135M-Instruct,exact,0,2000,nll,dolly-test,4.5"
+
+
+def test_the_cross_group_needs_its_teacher_and_is_left_out_without_it():
+    from argparse import Namespace
+
+    from study import group_models
+
+    assert group_models("core", Namespace()) == []
+    with pytest.raises(SystemExit, match="--cross-teacher-gguf"):
+        group_models("cross", Namespace(cross_teacher_gguf=None))
 
 
 def test_collect_joins_the_matching_runs_rows_and_writes_no_table_without_any(tmp_path):
