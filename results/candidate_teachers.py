@@ -9,15 +9,13 @@ evaluated under bf16 autocast as every study model) and answers the study's prom
 sampled and greedy ROUGE-L and the sampled answers' mean length on the first 100 prompts
 of Dolly test and Self-Instruct and all 80 of Vicuna (``study.generation_metrics``, the
 same seeds). Rows go to ``results/candidate_teachers/NAME.csv`` in the study's columns
-(``divergence`` names the model), with the evaluation's wall seconds as metric ``eval_seconds``;
+(``divergence`` is ``teacher``, ``teacher`` names the model), with the evaluation's wall seconds as metric ``eval_seconds``;
 a model whose file exists is skipped. The default teacher's row is ``study_runs/teacher.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 
 from kd_lightning.models import load_causal_lm, load_tokenizer
 from kd_lightning.precision import cpu_bf16_matmuls
-from study import COLUMNS, EVAL_PROMPTS, generation_metrics
+from study import EVAL_PROMPTS, description, generation_metrics, write_rows
 
 
 def evaluate_candidate(gguf: Path, out: Path, prompts: int) -> None:
@@ -35,12 +33,7 @@ def evaluate_candidate(gguf: Path, out: Path, prompts: int) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16), cpu_bf16_matmuls("cpu"):
         rows = generation_metrics(model, tokenizer, prompts)
     rows.append(("eval_seconds", "all", time.perf_counter() - started))
-    described = {"divergence": gguf.stem, "temperature": "", "selection": "none", "teacher_outputs": "", "seed": 0, "examples": 0}
-    with open(str(out) + ".partial", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({**described, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"} for metric, dataset, value in rows)
-    os.replace(str(out) + ".partial", out)
+    write_rows(rows, {**description("teacher", 0, 0, teacher=gguf.stem), "teacher_outputs": "live"}, out)
     print(f"{gguf.stem}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
 
 

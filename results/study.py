@@ -50,6 +50,8 @@ SEEDS = (0, 1, 2)
 TOP_K = 2048
 #: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
 PILOT = {"pilot-ce-lr5e-4": ["module.ce_weight=1", "module.optimizer.lr=5.0e-4"]}
+#: TRL GKDTrainer's loss at its defaults: generalized JSD, β = 0.5, logits / 0.9, no τ² factor
+GKD_LOSS = ["divergence=jsd", "divergence.beta=0.5", "temperature=0.9", "module.scale_by_tau_sq=false"]
 #: name → (group, kd-train overrides); the core arms run first, for every seed
 ARMS = {
     "ce": ("core", ["module.ce_weight=1"]),
@@ -67,8 +69,18 @@ ARMS = {
     "hybrid-fkl-tau2": ("cross", ["cross_tokenizer=hybrid", "divergence=fkl", "temperature=2"]),
     "uld-tau1": ("cross", ["cross_tokenizer=uld", "temperature=1"]),
     "gold-tau1": ("cross", ["cross_tokenizer=gold", "temperature=1"]),
+    # on the student's own samples, from the live teacher: GKD at TRL GKDTrainer's defaults (λ = 0.5,
+    # JSD β = 0.5, τ = 0.9 in the loss and in sampling, no τ² factor, top-p 1, 128 new tokens),
+    # DistiLLM (skew KL α = 0.1, adaptive off-policy: conf/policy/mixed.yaml), and GKD's loss offline
+    "gkd": ("onpolicy", ["policy=on_policy", "policy.lambda=0.5", *GKD_LOSS,
+                         "callbacks.student_responses.sampling_temperature=0.9", "callbacks.student_responses.top_p=1.0",
+                         "callbacks.student_responses.max_new_tokens=128"]),
+    "distillm": ("onpolicy", ["policy=mixed", "divergence=skl", "divergence.alpha=0.1", "temperature=1"]),
+    "jsd-tau0.9": ("onpolicy", GKD_LOSS),
 }
-GROUPS = ("core", "temperature", "csd", "adakd", "topk", "cross")
+GROUPS = ("core", "temperature", "csd", "adakd", "topk", "cross", "onpolicy")
+#: the arms whose teacher scores the student's samples: no cache can serve them
+LIVE_TEACHER = ("policy=on_policy", "policy=mixed")
 #: group → the teacher cache its arms train from (a directory of --cache) and how kd-cache builds it
 #: (the cross group's cache holds the teacher's own tokens, which serve all three objectives)
 CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP_K}"]),
@@ -77,11 +89,15 @@ DEFAULT_CACHE = ("train", [])
 DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
 
 
-def arm_cache(arm: str) -> tuple[str, list[str]]:
-    """The teacher cache ``arm`` trains from: its directory in --cache and its kd-cache overrides."""
+def arm_cache(arm: str) -> tuple[str, list[str]] | None:
+    """The teacher cache ``arm`` trains from: its directory in --cache and its kd-cache
+    overrides; None for an arm that needs the live teacher."""
+    if arm in ARMS and any(override in LIVE_TEACHER for override in ARMS[arm][1]):
+        return None
     return CACHES.get(ARMS[arm][0], DEFAULT_CACHE) if arm in ARMS else DEFAULT_CACHE
 EVAL_PROMPTS = 100
-COLUMNS = ("divergence", "temperature", "selection", "teacher", "teacher_outputs", "seed", "examples", "metric", "dataset", "value")
+COLUMNS = ("divergence", "temperature", "selection", "policy", "teacher", "teacher_outputs", "seed", "examples", "metric",
+           "dataset", "value")
 
 
 def group_models(group: str, args) -> list[str]:
@@ -138,11 +154,13 @@ def build_caches(args, groups: list[str]) -> None:
     )
 
 
-def train(run_dir: Path, overrides: list[str], cache: Path) -> None:
+def train(run_dir: Path, overrides: list[str], cache: Path | None) -> None:
+    """``kd-train`` of one run from ``cache`` (the live teacher for None), resumed where it stopped."""
     if (run_dir / "checkpoints" / "done").exists():
         return
     resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
-    sh("kd-train", "experiment=study", f"teacher_cache={cache}", *overrides, *resume, f"hydra.run.dir={run_dir}")
+    source = [] if cache is None else [f"teacher_cache={cache}"]
+    sh("kd-train", "experiment=study", *source, *overrides, *resume, f"hydra.run.dir={run_dir}")
     (run_dir / "checkpoints" / "done").touch()
 
 
@@ -203,21 +221,31 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
     if out.exists():
         return
     tokenizer, model, _ = load_run(run_dir, role)
+    rows = evaluate_model(model, tokenizer, test_cache, prompts)
+    if (run_dir / "metrics.csv").exists():  # the training curves, for the record
+        (out.parent / "logs").mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
+    write_rows(rows, description, out)
+    print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+
+
+def evaluate_model(model, tokenizer, test_cache: Path, prompts: int) -> list[tuple[str, str, float]]:
+    """(metric, dataset, value) of a model under bf16 autocast: the held-out losses and the generation metrics."""
     model.eval()
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=torch.bfloat16), cpu_bf16_matmuls(device_type):
         rows = [(metric, "dolly-test", value) for metric, value in held_out_losses(model, tokenizer, test_cache).items()]
-        rows += generation_metrics(model, tokenizer, prompts)
+        return rows + generation_metrics(model, tokenizer, prompts)
+
+
+def write_rows(rows: list[tuple[str, str, float]], description: dict, out: Path) -> None:
+    """The rows of one evaluated model, each with its ``description``, written atomically to ``out``."""
     with open(str(out) + ".partial", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for metric, dataset, value in rows:
             writer.writerow({**description, "metric": metric, "dataset": dataset, "value": f"{value:.4f}"})
-    if (run_dir / "metrics.csv").exists():  # the training curves, for the record
-        (out.parent / "logs").mkdir(exist_ok=True)
-        shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
     os.replace(str(out) + ".partial", out)
-    print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
 
 
 def evaluate_baselines(run_dir: Path, args) -> None:
@@ -234,9 +262,10 @@ def evaluate_baselines(run_dir: Path, args) -> None:
 
 def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     rows = [row for path in sorted(rows_dir.glob(f"{pattern}.csv")) for row in csv.DictReader(path.open())]
-    for row in rows:  # rows written before these columns existed: the default teacher, its exact cache
+    for row in rows:  # rows written before these columns existed: offline, the default teacher's exact cache
         row["teacher_outputs"] = row.get("teacher_outputs") or "exact"
         row["teacher"] = row.get("teacher") or DEFAULT_TEACHER
+        row["policy"] = row.get("policy") or "offline"
     if not rows:  # e.g. no pilot run among these rows: no empty table
         return
     with open(table, "w", newline="") as handle:
@@ -246,6 +275,15 @@ def collect(rows_dir: Path, table: Path, pattern: str) -> None:
     print(f"{len(rows)} rows -> {table}", flush=True)
 
 
+def teacher_outputs(arm: str) -> str:
+    """What ``arm`` trains from: ``live`` (the teacher scores the student's samples), ``exact`` or ``top-K``."""
+    cache = arm_cache(arm)
+    if cache is None:
+        return "live"
+    settings = dict(item.split("=", 1) for item in cache[1])
+    return f"top-{settings['cache.top_k']}" if settings.get("cache.format") == "topk" else "exact"
+
+
 def description(arm: str, seed: int, examples: int, teacher: str = DEFAULT_TEACHER) -> dict:
     """A row's description of ``arm``; ``divergence`` is the cross-tokenizer objective (with
     hybrid's divergence, ``hybrid-fkl``) for the cross group."""
@@ -253,13 +291,13 @@ def description(arm: str, seed: int, examples: int, teacher: str = DEFAULT_TEACH
     divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
     if "cross_tokenizer" in overrides:
         divergence = "-".join(filter(None, (overrides["cross_tokenizer"], overrides.get("divergence"))))
-    cache = dict(item.split("=", 1) for item in arm_cache(arm)[1])
     return {
         "divergence": divergence,
         "temperature": overrides.get("temperature", ""),
         "selection": overrides.get("selection", "none"),
+        "policy": overrides.get("policy", "offline"),
         "teacher": teacher,
-        "teacher_outputs": f"top-{cache['cache.top_k']}" if cache.get("cache.format") == "topk" else "exact",
+        "teacher_outputs": teacher_outputs(arm),
         "seed": seed,
         "examples": examples,
     }
@@ -298,7 +336,8 @@ def main() -> None:
             with claim(run_dir) as mine:
                 if mine:
                     models = group_models(ARMS[arm][0] if arm in ARMS else "", args)
-                    train(run_dir, [*models, *overrides, f"seed={seed}", *args.overrides], args.cache / arm_cache(arm)[0])
+                    cache = arm_cache(arm)
+                    train(run_dir, [*models, *overrides, f"seed={seed}", *args.overrides], cache and args.cache / cache[0])
                     teacher = args.cross_teacher_gguf.stem if models else DEFAULT_TEACHER
                     described = description(arm, seed, examples_seen(run_dir), teacher)
                     evaluate(run_dir, "student", described, args.cache / "dolly-test", rows, args.prompts)

@@ -31,27 +31,31 @@ def test_the_pilot_comes_first_and_the_core_runs_every_seed_before_the_other_gro
 
 def test_rows_describe_the_arm_as_the_table_columns_expect():
     assert description("rkl-adakd-tau1", 2, 2000) == {
-        "divergence": "rkl", "temperature": "1", "selection": "adakd", "teacher": "SmolLM2-135M-Instruct",
-        "teacher_outputs": "exact", "seed": 2, "examples": 2000,
+        "divergence": "rkl", "temperature": "1", "selection": "adakd", "policy": "offline",
+        "teacher": "SmolLM2-135M-Instruct", "teacher_outputs": "exact", "seed": 2, "examples": 2000,
     }
     cross = description("hybrid-fkl-tau2", 0, 2000, teacher="qwen")
     assert (cross["divergence"], cross["temperature"], cross["teacher"]) == ("hybrid-fkl", "2", "qwen")
     assert description("gold-tau1", 0, 2000, teacher="qwen")["divergence"] == "gold"
+    gkd, offline = description("gkd", 0, 2000), description("jsd-tau0.9", 0, 2000)
+    assert (gkd["policy"], gkd["teacher_outputs"], gkd["divergence"], gkd["temperature"]) == ("on_policy", "live", "jsd", "0.9")
+    assert (offline["policy"], offline["teacher_outputs"]) == ("offline", "exact")
+    assert description("distillm", 0, 2000)["policy"] == "mixed"
     assert description(f"fkl-top{TOP_K}-tau1", 1, 2000)["teacher_outputs"] == f"top-{TOP_K}"
     assert description("pilot-ce-lr5e-4", 0, 2000)["divergence"] == "ce"
     assert description("teacher", 0, 0) == {
-        "divergence": "teacher", "temperature": "", "selection": "none", "teacher": "SmolLM2-135M-Instruct",
-        "teacher_outputs": "exact", "seed": 0, "examples": 0,
+        "divergence": "teacher", "temperature": "", "selection": "none", "policy": "offline",
+        "teacher": "SmolLM2-135M-Instruct", "teacher_outputs": "exact", "seed": 0, "examples": 0,
     }
 
 
 def test_rows_written_before_the_teacher_columns_read_as_the_default_teachers_exact_cache(tmp_path):
     rows_dir = tmp_path / "rows"
     rows_dir.mkdir()
-    old_columns = [column for column in COLUMNS if column not in ("teacher", "teacher_outputs")]
+    old_columns = [column for column in COLUMNS if column not in ("policy", "teacher", "teacher_outputs")]
     (rows_dir / "fkl-tau1-seed0.csv").write_text(",".join(old_columns) + "\nfkl,1,none,0,2000,nll,dolly-test,4.5\n")
     collect(rows_dir, tmp_path / "study.csv", "*")
-    assert (tmp_path / "study.csv").read_text().splitlines()[1] == "fkl,1,none,SmolLM2-135M-Instruct,exact,0,2000,nll,dolly-test,4.5"
+    assert (tmp_path / "study.csv").read_text().splitlines()[1] == "fkl,1,none,offline,SmolLM2-135M-Instruct,exact,0,2000,nll,dolly-test,4.5"
 
 
 def test_the_cross_group_needs_its_teacher_and_is_left_out_without_it():
