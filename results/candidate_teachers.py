@@ -3,6 +3,7 @@ study's generation metrics, so that the teacher is chosen on what the students a
 
     python results/candidate_teachers.py --gguf /models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \
         --gguf /models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    python results/candidate_teachers.py --gguf … --datasets dolly-test --sampled-only --rows DIR   # a screening
 
 Each GGUF file is loaded with its own tokenizer and chat template (dequantised to float32,
 evaluated under bf16 autocast as every study model) and answers the study's prompts:
@@ -23,15 +24,15 @@ import torch
 
 from kd_lightning.models import load_causal_lm, load_tokenizer
 from kd_lightning.precision import cpu_bf16_matmuls
-from study import EVAL_PROMPTS, description, generation_metrics, write_rows
+from study import EVAL_PROMPTS, EVAL_SETS, description, generation_metrics, write_rows
 
 
-def evaluate_candidate(gguf: Path, out: Path, prompts: int) -> None:
+def evaluate_candidate(gguf: Path, out: Path, prompts: int, datasets: tuple[str, ...], greedy: bool) -> None:
     tokenizer = load_tokenizer(str(gguf.parent), gguf_file=gguf.name)
     model = load_causal_lm(str(gguf.parent), gguf_file=gguf.name).eval()
     started = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16), cpu_bf16_matmuls("cpu"):
-        rows = generation_metrics(model, tokenizer, prompts)
+        rows = generation_metrics(model, tokenizer, prompts, datasets, greedy)
     rows.append(("eval_seconds", "all", time.perf_counter() - started))
     write_rows(rows, {**description("teacher", 0, 0, teacher=gguf.stem), "teacher_outputs": "live"}, out)
     print(f"{gguf.stem}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
@@ -42,12 +43,14 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, action="append", required=True, help="a candidate teacher's GGUF file")
     parser.add_argument("--rows", type=Path, default=Path(__file__).parent / "candidate_teachers")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
+    parser.add_argument("--datasets", nargs="+", default=list(EVAL_SETS), help="test sets (a screening: dolly-test)")
+    parser.add_argument("--sampled-only", action="store_true", help="sampled ROUGE-L only, no greedy pass")
     args = parser.parse_args()
     args.rows.mkdir(parents=True, exist_ok=True)
     for gguf in args.gguf:
         out = args.rows / f"{gguf.stem}.csv"
         if not out.exists():
-            evaluate_candidate(gguf, out, args.prompts)
+            evaluate_candidate(gguf, out, args.prompts, tuple(args.datasets), not args.sampled_only)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def arm_cache(arm: str) -> tuple[str, list[str]] | None:
         return None
     return CACHES.get(ARMS[arm][0], DEFAULT_CACHE) if arm in ARMS else DEFAULT_CACHE
 EVAL_PROMPTS = 100
+EVAL_SETS = ("dolly-test", "self-inst", "vicuna")
 COLUMNS = ("divergence", "temperature", "selection", "policy", "teacher", "teacher_outputs", "seed", "examples", "metric",
            "dataset", "value")
 
@@ -199,14 +200,16 @@ def held_out_losses(model, tokenizer, test_cache: Path) -> dict[str, float]:
     return {metric: totals[metric] / totals["tokens"] for metric in ("nll", "teacher_kl")}
 
 
-def generation_metrics(model, tokenizer, num_prompts: int) -> list[tuple[str, str, float]]:
-    """Sampled and greedy ROUGE-L, and the sampled answers' mean length, on the first
+def generation_metrics(
+    model, tokenizer, num_prompts: int, datasets: tuple[str, ...] = EVAL_SETS, greedy: bool = True
+) -> list[tuple[str, str, float]]:
+    """Sampled (and ``greedy``) ROUGE-L, and the sampled answers' mean length, on the first
     ``num_prompts`` prompts of each test set."""
     rows = []
-    for dataset in ("dolly-test", "self-inst", "vicuna"):
+    for dataset in datasets:
         records = eval_records(dataset, num_prompts)
         prompts = [format_prompt(tokenizer, record["instruction"], record.get("input") or "") for record in records]
-        for metric, sampling in (("rouge_l", True), ("rouge_l_greedy", False)):
+        for metric, sampling in (("rouge_l", True), ("rouge_l_greedy", False))[: 2 if greedy else 1]:
             torch.manual_seed(1)
             answers = generate(model, tokenizer, prompts, batch_size=16, do_sample=sampling)  # top-p 1, temperature 1
             rows.append((metric, dataset, sum(rouge_l(a, r["output"]) for a, r in zip(answers, records)) / len(records)))
