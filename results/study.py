@@ -50,8 +50,9 @@ SEEDS = (0, 1, 2)
 TOP_K = 2048
 #: the pilot: CE-only at another learning rate than the config's 2e-4 (whose run is ce-seed0)
 PILOT = {"pilot-ce-lr5e-4": ["module.ce_weight=1", "module.optimizer.lr=5.0e-4"]}
-#: TRL GKDTrainer's loss at its defaults: generalized JSD, β = 0.5, logits / 0.9, no τ² factor
-GKD_LOSS = ["divergence=jsd", "divergence.beta=0.5", "temperature=0.9", "module.scale_by_tau_sq=false"]
+#: TRL 1.16 GKDTrainer's loss: generalized JSD, β = 0.5, no τ² factor, at τ = 1 (its compute_loss
+#: leaves generalized_jsd_loss's temperature at 1; GKDConfig.temperature, 0.9, is the sampling's only)
+GKD_LOSS = ["divergence=jsd", "divergence.beta=0.5", "temperature=1", "module.scale_by_tau_sq=false"]
 #: name → (group, kd-train overrides); the core arms run first, for every seed
 ARMS = {
     "ce": ("core", ["module.ce_weight=1"]),
@@ -69,14 +70,14 @@ ARMS = {
     "hybrid-fkl-tau2": ("cross", ["cross_tokenizer=hybrid", "divergence=fkl", "temperature=2"]),
     "uld-tau1": ("cross", ["cross_tokenizer=uld", "temperature=1"]),
     "gold-tau1": ("cross", ["cross_tokenizer=gold", "temperature=1"]),
-    # on the student's own samples, from the live teacher: GKD at TRL GKDTrainer's defaults (λ = 0.5,
-    # JSD β = 0.5, τ = 0.9 in the loss and in sampling, no τ² factor, top-p 1, 128 new tokens),
-    # DistiLLM (skew KL α = 0.1, adaptive off-policy: conf/policy/mixed.yaml), and GKD's loss offline
+    # on the student's own samples, from the live teacher: GKD as TRL GKDTrainer runs at its defaults
+    # (λ = 0.5, JSD β = 0.5 at τ = 1 with no τ² factor, sampling at temperature 0.9, top-p 1, 128 new
+    # tokens), DistiLLM (skew KL α = 0.1, adaptive off-policy: conf/policy/mixed.yaml), GKD's loss offline
     "gkd": ("onpolicy", ["policy=on_policy", "policy.lambda=0.5", *GKD_LOSS,
                          "callbacks.student_responses.sampling_temperature=0.9", "callbacks.student_responses.top_p=1.0",
                          "callbacks.student_responses.max_new_tokens=128"]),
     "distillm": ("onpolicy", ["policy=mixed", "divergence=skl", "divergence.alpha=0.1", "temperature=1"]),
-    "jsd-tau0.9": ("onpolicy", GKD_LOSS),
+    "jsd-tau1": ("onpolicy", GKD_LOSS),
 }
 GROUPS = ("core", "temperature", "csd", "adakd", "topk", "cross", "onpolicy")
 #: the arms whose teacher scores the student's samples: no cache can serve them

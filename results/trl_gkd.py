@@ -26,9 +26,12 @@ The same for both arms, per seed:
   data module's ``train_dataloader()``, the sampler at epoch e for the e-th pass, as Lightning
   sets it), fed to TRL in that order (``train_sampling_strategy="sequential"``), 4 per step, no
   gradient accumulation; ``max_length`` = ``data.max_length``;
-- λ = 0.5, β = 0.5, τ = 0.9 in the loss and in sampling, top-p 1, 128 new tokens, ``seq_kd`` off,
-  all read from the composed ``gkd`` arm's config (``policy.lambda``, ``divergence.beta``,
-  ``temperature``, ``callbacks.student_responses.*``);
+- λ = 0.5, β = 0.5, the loss at τ = 1, sampling at temperature 0.9, top-p 1, 128 new tokens,
+  ``seq_kd`` off, all read from the composed ``gkd`` arm's config (``policy.lambda``,
+  ``divergence.beta``, ``temperature``, ``callbacks.student_responses.*``). TRL 1.16's
+  ``compute_loss`` calls ``generalized_jsd_loss`` without a temperature, so its loss is at τ = 1
+  whatever ``GKDConfig.temperature`` (the sampling's); the arm is set to match, and an arm config
+  with another τ is refused;
 - AdamW (the config's lr 2e-4, weight decay, betas and eps; ``optim="adamw_torch"``), the config's
   scheduler (cosine) with round(5% × steps) warm-up steps, gradient clipping at norm 1, 500 steps;
 - bf16 mixed precision (autocast, float32 weights); on a CPU without native bf16 the bf16 matmuls
@@ -48,10 +51,6 @@ so that the config is their one source), and the student's ``generation_config``
 sampling at the model's EOS, kd_lightning at the tokenizer's: they are made the same).
 
 Where TRL is not run exactly as shipped, and why:
-- The loss temperature. TRL 1.16's ``compute_loss`` calls ``generalized_jsd_loss`` without a
-  temperature, so stock TRL trains on the loss at τ = 1 and uses ``GKDConfig.temperature`` (0.9)
-  for sampling only. ``StudyGKDTrainer`` passes the arm's τ to that same function;
-  ``--loss-temperature 1`` reproduces stock TRL (rows ``trl-gkd-tau1-seed*``).
 - The tokens. TRL's conversational path (``messages``, rendered by its ``DataCollatorForChatML``)
   cannot reproduce kd_lightning's examples: on seed 0's 2,000 training examples it trains one
   more token on 1,758 (the chat template's newline after ``<|im_end|>``; kd_lightning trains the
@@ -170,6 +169,7 @@ def gkd_config(cfg: DictConfig, output_dir: Path) -> GKDConfig:
         "policy (on_policy, no replay buffer)": cfg.policy.name != "on_policy" or sampling.buffer_size != 0,
         "temperature_schedule (constant)": cfg.temperature_schedule != "constant",
         "divergence (TRL's GKD is jsd)": cfg.divergence.name != "jsd",
+        "temperature (TRL 1.16's GKD loss is at τ = 1)": cfg.temperature != 1,
         "module.scale_by_tau_sq (TRL has no τ² factor)": cfg.module.scale_by_tau_sq,
         "top_p (TRL samples at top-p 1)": sampling.top_p != 1.0,
         "a CE term (module.ce_weight)": cfg.module.ce_weight != 0,
@@ -205,19 +205,7 @@ class RecordingCollator(DataCollatorForChatML):
         return super().__call__(examples)
 
 
-class StudyGKDTrainer(GKDTrainer):
-    """TRL's GKDTrainer whose loss is TRL's ``generalized_jsd_loss`` at ``loss_temperature``
-    (TRL 1.16's ``compute_loss`` leaves it at its default, 1)."""
-
-    def __init__(self, *args, loss_temperature: float, **kwargs):
-        self.loss_temperature = loss_temperature
-        super().__init__(*args, **kwargs)
-
-    def generalized_jsd_loss(self, **kwargs):
-        return GKDTrainer.generalized_jsd_loss(**kwargs, temperature=self.loss_temperature)
-
-
-def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path, loss_temperature: float):
+def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path):
     """The trainer of one seed: the exported student, the arm's teacher, kd-train's examples in
     its order; and the data module it read them from."""
     tokenizer = instantiate(cfg.model.tokenizer)
@@ -228,10 +216,9 @@ def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path, loss_tem
     # TRL stops sampling at the model's EOS, kd_lightning at the tokenizer's
     student.generation_config.eos_token_id = tokenizer.eos_token_id
     config = gkd_config(cfg, output_dir)
-    trainer = StudyGKDTrainer(
+    trainer = GKDTrainer(
         model=student, teacher_model=frozen(instantiate(cfg.model.teacher)()), args=config, train_dataset=examples,
         processing_class=tokenizer, data_collator=RecordingCollator(tokenizer=tokenizer, max_length=config.max_length),
-        loss_temperature=loss_temperature,
     )
     return trainer, data
 
@@ -255,17 +242,10 @@ def write_log(trainer, path: Path) -> None:
                              "records": " ".join(map(str, records[(step - 1) * size : step * size]))})
 
 
-def run_name(seed: int, loss_temperature: float, arm_temperature: float) -> str:
-    """``trl-gkd-seed{seed}``; with ``-tau{τ}`` for a loss temperature other than the arm's."""
-    tau = "" if loss_temperature == arm_temperature else f"-tau{loss_temperature:g}"
-    return f"{POLICY}{tau}-seed{seed}"
-
-
 def train_seed(seed: int, args) -> Path:
     """Train and evaluate one seed (skipped when its rows exist or another driver holds it); the rows' path."""
     cfg = arm_config(seed, args.overrides)
-    loss_temperature = cfg.temperature if args.loss_temperature is None else args.loss_temperature
-    name = run_name(seed, loss_temperature, cfg.temperature)
+    name = f"{POLICY}-seed{seed}"
     out = args.rows / f"{name}.csv"
     if out.exists():
         return out
@@ -274,7 +254,7 @@ def train_seed(seed: int, args) -> Path:
             return out
         # composed with the arm's overrides, which --overrides may change (policy.lambda=1, …)
         student_dir = export_student(args.cache / "student", [*ARMS[ARM][1], *args.overrides])
-        trainer, data = study_trainer(cfg, student_dir, args.runs / name, loss_temperature)
+        trainer, data = study_trainer(cfg, student_dir, args.runs / name)
         started = time.perf_counter()
         with bf16_matmuls(trainer.args):
             trainer.train()
@@ -283,7 +263,7 @@ def train_seed(seed: int, args) -> Path:
         student = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # accelerate's autocast off
         rows = evaluate_model(student, data.tokenizer, args.cache / "dolly-test", args.prompts)
         examples = cfg.trainer.max_steps * cfg.data.batch_size
-        described = {**description(ARM, seed, examples), "policy": POLICY, "temperature": f"{loss_temperature:g}"}
+        described = {**description(ARM, seed, examples), "policy": POLICY}
         write_rows(rows + [("train_seconds", "all", seconds)], described, out)
         print(f"{name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
     return out
@@ -296,7 +276,6 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=Path("results/study_runs"), help="one CSV per evaluated run")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--loss-temperature", type=float, help="default: the arm's τ (1: stock TRL 1.16's loss)")
     parser.add_argument("--overrides", nargs="*", default=[], help="for every compose (a smoke run: model=tiny …)")
     args = parser.parse_args()
     if not (args.cache / "dolly-test").exists():

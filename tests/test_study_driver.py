@@ -37,8 +37,8 @@ def test_rows_describe_the_arm_as_the_table_columns_expect():
     cross = description("hybrid-fkl-tau2", 0, 2000, teacher="qwen")
     assert (cross["divergence"], cross["temperature"], cross["teacher"]) == ("hybrid-fkl", "2", "qwen")
     assert description("gold-tau1", 0, 2000, teacher="qwen")["divergence"] == "gold"
-    gkd, offline = description("gkd", 0, 2000), description("jsd-tau0.9", 0, 2000)
-    assert (gkd["policy"], gkd["teacher_outputs"], gkd["divergence"], gkd["temperature"]) == ("on_policy", "live", "jsd", "0.9")
+    gkd, offline = description("gkd", 0, 2000), description("jsd-tau1", 0, 2000)
+    assert (gkd["policy"], gkd["teacher_outputs"], gkd["divergence"], gkd["temperature"]) == ("on_policy", "live", "jsd", "1")
     assert (offline["policy"], offline["teacher_outputs"]) == ("offline", "exact")
     assert description("distillm", 0, 2000)["policy"] == "mixed"
     assert description(f"fkl-top{TOP_K}-tau1", 1, 2000)["teacher_outputs"] == f"top-{TOP_K}"

@@ -62,17 +62,15 @@ def test_an_epochs_short_last_batch_is_refused(tokenizer, records):
         trl_gkd.kd_train_order(data, 5)
 
 
-def test_the_loss_is_trls_generalized_jsd_at_the_arms_temperature_which_is_kd_lightnings_jsd():
+def test_trls_loss_is_kd_lightnings_jsd_at_tau_1_and_another_tau_is_refused():
+    """TRL 1.16's compute_loss calls generalized_jsd_loss at its default τ = 1: the gkd arm's loss."""
     student, teacher = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     labels = torch.tensor([[-100, 4, 5], [1, 2, -100]])
-    study_loss = trl_gkd.StudyGKDTrainer.generalized_jsd_loss(
-        SimpleNamespace(loss_temperature=0.9), student_logits=student, teacher_logits=teacher, labels=labels, beta=0.5)
-    expected = trl_gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=0.5, temperature=0.9)
-    assert torch.equal(study_loss, expected)
-    kd_lightning_jsd = losses.get("jsd", beta=0.5)(student, teacher, 0.9)[labels != -100].mean()  # the gkd arm's
-    assert study_loss.item() == pytest.approx(kd_lightning_jsd.item(), rel=1e-5)
-    assert not torch.allclose(study_loss, trl_gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels))
-    assert trl_gkd.run_name(0, 1.0, 0.9) == "trl-gkd-tau1-seed0"  # --loss-temperature 1: stock TRL, rows of its own
+    trl_loss = trl_gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=0.5)
+    kd_lightning_jsd = losses.get("jsd", beta=0.5)(student, teacher, 1.0)[labels != -100].mean()  # the gkd arm's
+    assert trl_loss.item() == pytest.approx(kd_lightning_jsd.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        trl_gkd.gkd_config(trl_gkd.arm_config(0, [*TINY, "temperature=0.9"]), Path("unused"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +85,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trl_gkd")
     args = Namespace(runs=root / "runs", cache=root / "cache", rows=root / "rows", prompts=1, seeds=[1],
-                     loss_temperature=None, overrides=TINY)
+                     overrides=TINY)
     args.rows.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trl_gkd, "study_trainer", keep)
@@ -130,12 +128,12 @@ def test_the_optimizer_and_schedule_are_the_configs(trained):
     assert (trainer.args.max_grad_norm, trainer.args.per_device_train_batch_size) == (cfg.trainer.gradient_clip_val, 4)
     assert (trainer.args.gradient_accumulation_steps, trainer.args.activation_checkpointing) == (1, False)
     sampling = (trainer.lmbda, trainer.generation_config.temperature, trainer.generation_config.max_new_tokens)
-    assert sampling == (1.0, 0.9, 8) and (trainer.beta, trainer.loss_temperature) == (0.5, 0.9)
+    assert sampling == (1.0, 0.9, 8) and trainer.beta == 0.5
 
 
 def test_the_rows_are_the_studys_and_name_the_trl_policy(trained):
     rows = list(csv.DictReader(trained.out.open()))
     assert trained.out.name == "trl-gkd-seed1.csv" and tuple(rows[0]) == COLUMNS
     assert {(row["policy"], row["divergence"], row["temperature"], row["seed"], row["examples"]) for row in rows} == {
-        ("trl-gkd", "jsd", "0.9", "1", "8")}
+        ("trl-gkd", "jsd", "1", "1", "8")}
     assert [row["metric"] for row in rows] == ["nll", "train_seconds"] and float(rows[1]["value"]) > 0
