@@ -3,9 +3,9 @@
 A batch from ``data.cross_tokenizer.CrossTokenizerDataModule`` holds each side's own
 tokens and the aligned groups. The student runs on its ids, the teacher (under
 ``torch.no_grad``) on its own, or its states come from a teacher cache of its own tokens
-(``kd-cache`` with the same ``cross_tokenizer``; an exact cache only); each side's final hidden states are gathered at the
-position predicting each group's first token, where both models have read the same
-text. Per group g, with ``z_g = lm_head_s(h_s)`` cut to the student tokenizer's ``V_s``
+(``kd-cache`` with the same ``cross_tokenizer``; an exact cache only); each side's final
+hidden states are gathered at the position predicting each group's first token, where
+both models have read the same text. Per group g, with ``z_g = lm_head_s(h_s)`` cut to the student tokenizer's ``V_s``
 rows and ``t_g = lm_head_t(h_t)`` cut to ``V_t``:
 
     ℓ_g = w_g · objective(z_g, t_g, M, τ_g)        (losses.cross_tokenizer: hybrid, uld, gold)
@@ -38,7 +38,6 @@ chunk of positions at a time, checkpointed like the groups, for the kept groups 
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,9 +55,6 @@ from kd_lightning.losses.group_terms import LaterTokens, MatchedIds, later_token
 from kd_lightning.models import last_hidden_state, lm_head
 from kd_lightning.tokens import TokenBatch
 from kd_lightning.vocabulary import VocabularyMatch, match_vocabularies
-
-OBJECTIVES = ("uld", "gold", "hybrid")
-
 
 def check_cross_tokenizer_cache(cache_format: str, objective: str) -> None:
     """Refuses a top-k teacher cache for a cross-tokenizer objective: ``hybrid`` and ``gold``
@@ -102,12 +98,12 @@ class CrossTokenizer:
         self.later_floor = math.log(losses.gold.GOLD_PROBABILITY_FLOOR) if merges else None
 
     def head(self, student: nn.Module, teacher: nn.Module, batch: dict, divergence: losses.Divergence,
-             ce_weight: float, selective: bool, chunk_size: int) -> CrossTokenizerHead:
+             ce_weight: float, chunk_size: int) -> CrossTokenizerHead:
         """The loss head of ``batch`` with this objective at the run's ``divergence``."""
         objective = losses.cross_tokenizer.objective(self.name, divergence, **self.params)
         states = GroupStates.of(student, teacher, batch, self.uses_later_tokens)
-        return CrossTokenizerHead(objective, self.match, states, ce_weight, selective, lm_head(student),
-                                  lm_head(teacher), chunk_size, self.later_floor)
+        return CrossTokenizerHead(objective, self.match, states, ce_weight, lm_head(student), lm_head(teacher),
+                                  chunk_size, self.later_floor)
 
 
 @dataclass
@@ -122,15 +118,20 @@ class LaterPositions:
     first_ids: Tensor  # [G]
     sizes: Tensor  # [G]
 
-
-def later_positions(first_positions: Tensor, sizes: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The flat positions (into ``input_ids.flatten()``) predicting each group's tokens after
-    its first, their group, and each group's first token. A group's tokens are consecutive:
-    position ``first + k`` predicts its token ``k`` for ``k < size``."""
-    later = sizes - 1
-    groups = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), later)
-    steps = torch.arange(len(groups), device=sizes.device) - (later.cumsum(0) - later)[groups] + 1
-    return first_positions[groups] + steps, groups, input_ids.flatten()[first_positions + 1]
+    @classmethod
+    def of(
+        cls, first_positions: Tensor, sizes: Tensor, input_ids: Tensor, states_at: Callable[[Tensor], Tensor]
+    ) -> LaterPositions:
+        """One side's later positions, from its groups' first predicting positions (flat
+        indices into ``input_ids.flatten()``) and sizes; ``states_at`` gathers that side's
+        final hidden states at flat positions. A group's tokens are consecutive: position
+        ``first + k`` predicts its token ``k`` for ``k < size``."""
+        later = sizes - 1
+        groups = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), later)
+        steps = torch.arange(len(groups), device=sizes.device) - (later.cumsum(0) - later)[groups] + 1  # 1 … size − 1
+        positions = first_positions[groups] + steps
+        tokens = input_ids.flatten()
+        return cls(states_at(positions), tokens[positions + 1], groups, tokens[first_positions + 1], sizes)
 
 
 @dataclass
@@ -152,38 +153,32 @@ class GroupStates:
         if missing:
             raise KeyError(f"a cross-tokenizer batch (CrossTokenizerDataModule) holds {', '.join(missing)}; this one does not")
         student_hidden = last_hidden_state(student, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        student_at, teacher_at = student_hidden.flatten(0, 1).__getitem__, teacher_states(teacher, batch)
         counted = counted_positions(batch["labels"])
-        sides = [("student", batch["input_ids"]), ("teacher", batch["teacher_input_ids"])]
-        later = {side: later_positions(batch[f"group_{side}_positions"], batch[f"group_{side}_sizes"], ids)
-                 for side, ids in sides} if with_later else {}
-        flat_positions = [batch["group_teacher_positions"]] + ([later["teacher"][0]] if with_later else [])
-        teacher_states = teacher_states_at(teacher, batch, flat_positions)
         states = cls(
-            student=student_hidden.flatten(0, 1)[batch["group_student_positions"]],
-            teacher=teacher_states[0],
+            student=student_at(batch["group_student_positions"]),
+            teacher=teacher_at(batch["group_teacher_positions"]),
             counted_student=student_hidden[:, :-1][counted],
             labels=batch["labels"][:, 1:][counted],
         )
         if with_later:
-            for side, ids in sides:
-                positions, groups, first_ids = later[side]
-                hidden = student_hidden.flatten(0, 1)[positions] if side == "student" else teacher_states[1]
-                setattr(states, f"{side}_later", LaterPositions(
-                    hidden, ids.flatten()[positions + 1], groups, first_ids, batch[f"group_{side}_sizes"]))
+            states.student_later = LaterPositions.of(
+                batch["group_student_positions"], batch["group_student_sizes"], batch["input_ids"], student_at)
+            states.teacher_later = LaterPositions.of(
+                batch["group_teacher_positions"], batch["group_teacher_sizes"], batch["teacher_input_ids"], teacher_at)
         return states
 
 
 @torch.no_grad()
-def teacher_states_at(teacher: nn.Module, batch: dict, flat_positions: list[Tensor]) -> list[Tensor]:
-    """The teacher's final hidden states at each of ``flat_positions`` (counted positions of
-    its own tokens, flat indices), from the live teacher or from a teacher cache of its own
-    tokens (``kd-cache`` with the same ``cross_tokenizer``), which stores every counted position."""
+def teacher_states(teacher: nn.Module, batch: dict) -> Callable[[Tensor], Tensor]:
+    """What gathers the teacher's final hidden states at flat positions of its own tokens
+    (counted positions), from one forward of the live teacher or from a teacher cache of its
+    own tokens (``kd-cache`` with the same ``cross_tokenizer``), which stores every counted position."""
     side = teacher_side(batch)
     if hasattr(teacher, "counted_outputs"):
         stored = teacher.counted_outputs(side)
-        return [stored[counted_rows_at(side["labels"], positions).to(stored.device)] for positions in flat_positions]
-    hidden = last_hidden_state(teacher, {key: side[key] for key in ("input_ids", "attention_mask")}).flatten(0, 1)
-    return [hidden[positions] for positions in flat_positions]
+        return lambda positions: stored[counted_rows_at(side["labels"], positions).to(stored.device)]
+    return last_hidden_state(teacher, {key: side[key] for key in ("input_ids", "attention_mask")}).flatten(0, 1).__getitem__
 
 
 def chunks(count: int, chunk_size: int) -> Iterator[slice]:
@@ -202,7 +197,7 @@ class CrossTokenizerHead:
     """The loss head over aligned groups (see the module docstring): one loss unit per group."""
 
     def __init__(self, objective: losses.cross_tokenizer.Objective, match: VocabularyMatch, states: GroupStates,
-                 ce_weight: float, selective: bool, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int,
+                 ce_weight: float, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int,
                  later_floor: float | None = None):
         self.objective, self.match, self.states, self.later_floor = objective, match, states, later_floor
         self.ce_weight, self.chunk_size = ce_weight, chunk_size

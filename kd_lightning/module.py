@@ -217,7 +217,7 @@ class DistillationModule(L.LightningModule):
             head = self.loss_head(counted_states(self.student, self.teacher, batch), selective=bool(policies))
         else:  # the groups' head: each side runs on its own tokens
             head = self.cross_tokenizer.head(self.student, self.teacher, batch, self.divergence, self.ce_weight,
-                                             selective=bool(policies), chunk_size=self.chunk_size)
+                                             chunk_size=self.chunk_size)
         labels = head.labels
         tokens = TokenBatch(  # one entry per loss unit: a counted token, or an aligned group
             temperature=torch.full((head.units,), self.temperature, device=labels.device),
