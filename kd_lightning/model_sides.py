@@ -29,5 +29,9 @@ def load_student_side(
 ) -> nn.Module:
     """``models.load_student``, or the student in ``gguf_file`` of ``name_or_path`` (dequantised to ``dtype``)."""
     if gguf_file is not None:
+        if layers is not None:  # as load_student refuses a student_path with student_layers
+            raise ValueError(
+                "give model.student_gguf_file (a whole student) or model.student_layers (teacher layers to copy), not both"
+            )
         return load_causal_lm(name_or_path, gguf_file=gguf_file, dtype=dtype)
     return load_student(teacher, name_or_path, layers, dtype)

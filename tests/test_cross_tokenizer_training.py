@@ -165,6 +165,13 @@ def test_different_tokenizers_without_cross_tokenizer_name_the_options(cross_dir
         fit(compose_config(tmp_path / "run", *cross_overrides(cross_dirs, tmp_path, "none")))
 
 
+def test_a_gguf_student_with_teacher_layers_is_refused_before_loading():
+    from kd_lightning.model_sides import load_student_side
+
+    with pytest.raises(ValueError, match="model.student_gguf_file .* or model.student_layers .*, not both"):
+        load_student_side(None, "no-such-dir", layers=[0, -1], gguf_file="student.gguf")
+
+
 def test_an_unknown_parameter_is_refused():
     with pytest.raises(ValueError, match="objective 'uld' takes no parameter beta"):
         CrossTokenizer("uld", identity_match(8), {"beta": 0.5})
