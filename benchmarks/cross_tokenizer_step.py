@@ -80,7 +80,7 @@ def step_seconds(student, teacher, vocab_size: int, cases: dict, rounds: int) ->
     return seconds
 
 
-def encoding_milliseconds(student_tokenizer, same: CrossTokenizerDataModule, records: list[dict]) -> dict:
+def encoding_milliseconds(student_tokenizer, same, records: list[dict]) -> dict:
     """Milliseconds per example to encode for one tokenizer, and to encode both sides and align them."""
     teachers = {"SmolLM2 (itself)": student_tokenizer, "GPT-2": gpt2_tokenizer(), "Llama 3": llama3_tokenizer()}
     found = {}
