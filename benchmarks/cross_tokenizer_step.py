@@ -3,7 +3,8 @@
 The step: on the default recipe (SmolLM2-135M-Instruct, live, → its 10-layer copy; Dolly,
 batches of 4 examples ≤ 256 tokens), one optimizer step (forward, backward, AdamW) of
 
-- ``none``: the same-tokenizer loss (FKL, τ = 1) on ``InstructionDataModule`` batches;
+- ``none``: the same-tokenizer loss (FKL, τ = 1) on ``InstructionDataModule`` batches, and
+  ``none-jsd`` with JSD (β = 0.5), the divergence ``gold`` computes on the matched ids;
 - ``hybrid`` and ``gold``: the cross-tokenizer path on ``CrossTokenizerDataModule`` batches
   of the same examples, both sides tokenised by SmolLM2 (every group one token, the
   identity match): the same models and the same loss value as ``none`` for ``hybrid``, so
@@ -11,7 +12,7 @@ batches of 4 examples ≤ 256 tokens), one optimizer step (forward, backward, Ad
   the checkpointed group head, GOLD's merge for ``gold``);
 
 interleaved case by case over the same examples in one process (medians of the timed
-steps, min–max in brackets; the first round warms up).
+steps and of the per-round ratios, min–max in brackets; the first round warms up).
 
 Alignment's own cost, per example of Dolly train, on the data side: encoding for one
 tokenizer (``InstructionDataModule.encode_one``) against encoding both sides and aligning
@@ -62,10 +63,10 @@ def recipe(model: str, examples: int):
 
 
 def step_seconds(student, teacher, vocab_size: int, cases: dict, rounds: int) -> dict:
-    """Seconds per optimizer step of each case (cross_tokenizer, batches), interleaved."""
+    """Seconds per optimizer step of each case (cross_tokenizer, divergence, batches), interleaved."""
     runs = {}
-    for name, (cross_tokenizer, batches) in cases.items():
-        module = DistillationModule(student=copy.deepcopy(student), teacher=teacher, divergence="fkl",
+    for name, (cross_tokenizer, divergence, batches) in cases.items():
+        module = DistillationModule(student=copy.deepcopy(student), teacher=teacher, divergence=divergence,
                                     vocab_size=vocab_size, cross_tokenizer=cross_tokenizer)
         runs[name] = (module.train(), torch.optim.AdamW(module.student.parameters(), lr=2e-4), batches)
     seconds = {name: [] for name in cases}
@@ -108,10 +109,11 @@ def report(seconds: dict, encoding: dict, collate: float, command: str) -> str:
     baseline = statistics.median(seconds["none"])
     lines = ["# Cross-tokenizer step against the same-tokenizer step (benchmarks/cross_tokenizer_step.py, CPU)", "",
              f"`{command}` on {cpu_name()}.", "",
-             "| case | step, s | ratio to `none` (median of per-round ratios) |", "|---|---:|---:|"]
+             "| case | step, s | ratio to `none` | ratio to `none-jsd` |", "|---|---:|---:|---:|"]
     for name, values in seconds.items():
-        ratios = [value / base for value, base in zip(values, seconds["none"])]
-        lines.append(f"| `{name}` | {spread(values, '.2f')} | {spread(ratios, '.2f')} |")
+        ratios = [spread([value / base for value, base in zip(values, seconds[reference])], ".2f")
+                  for reference in ("none", "none-jsd")]
+        lines.append(f"| `{name}` | {spread(values, '.2f')} | {' | '.join(ratios)} |")
     lines += ["", "| data side, per example | ms | share of a `none` step (4 examples) |", "|---|---:|---:|"]
     lines += [f"| {name} | {value:.2f} | {4 * value / 1000 / baseline:.2%} |" for name, value in encoding.items()]
     lines += [f"| groups of a batch (`GroupCollator`), per batch of 4 | {collate:.2f} | {collate / 1000 / baseline:.2%} |", ""]
@@ -130,8 +132,9 @@ def main() -> None:
     same_batches = [batch for batch, _ in zip(same.train_dataloader(), range(rounds))]
     cross_batches = [batch for batch, _ in zip(cross.train_dataloader(), range(rounds))]
     match = identity_match(len(tokenizer))
-    cases = {"none": (None, same_batches), "hybrid": (CrossTokenizer("hybrid", match), cross_batches),
-             "gold": (CrossTokenizer("gold", match), cross_batches)}
+    cases = {"none": (None, "fkl", same_batches), "none-jsd": (None, "jsd", same_batches),
+             "hybrid": (CrossTokenizer("hybrid", match), "fkl", cross_batches),
+             "gold": (CrossTokenizer("gold", match), "fkl", cross_batches)}
     seconds = step_seconds(student, teacher, len(tokenizer), cases, args.repeats)
     checked = same.checked_records(str(same.path)).select(range(args.examples))
     raw = [dict(record, record=index) for index, record in enumerate(checked)]
