@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -62,6 +63,8 @@ def fit(cfg: DictConfig) -> L.Trainer:
         log.info("checkpoint: %s", last if last.exists() else "none (no training step)")
     for logger in trainer.loggers:
         log.info("metrics: %s", logger.log_dir or logger.save_dir)
+    for timer in (callback for callback in trainer.callbacks if isinstance(callback, Timer)):
+        log.info("training time: %.0f s (a resumed run's earlier parts included)", timer.time_elapsed("train"))
     return trainer
 
 

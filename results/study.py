@@ -21,7 +21,9 @@ bf16 matmuls as float32 matmuls of the bf16 operands (``kd_lightning.precision``
   student) at τ = 1, over every Dolly test example that fits 512 tokens;
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
   ``gen_tokens`` (mean answer length of the sampled answers) on the first 100 prompts of
-  Dolly test and Self-Instruct and all 80 of Vicuna.
+  Dolly test and Self-Instruct and all 80 of Vicuna;
+- ``train_seconds`` (dataset ``all``): training's wall time, validation included, on this
+  machine with the other drivers beside it.
 """
 
 from __future__ import annotations
@@ -221,16 +223,28 @@ def generation_metrics(
 
 
 def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out: Path, prompts: int) -> None:
-    """Evaluate the ``role`` model of ``run_dir`` into ``out`` (skipped when it exists)."""
+    """Evaluate the ``role`` model of ``run_dir`` into ``out`` (skipped when it exists), with
+    the run's training time where its checkpoint recorded it."""
     if out.exists():
         return
+    seconds = training_seconds(run_dir)
     tokenizer, model, _ = load_run(run_dir, role)
-    rows = evaluate_model(model, tokenizer, test_cache, prompts)
+    rows = evaluate_model(model, tokenizer, test_cache, prompts) + ([] if seconds is None else [("train_seconds", "all", seconds)])
     if (run_dir / "metrics.csv").exists():  # the training curves, for the record
         (out.parent / "logs").mkdir(exist_ok=True)
         shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
     write_rows(rows, description, out)
     print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+
+
+def training_seconds(run_dir: Path) -> float | None:
+    """Training's wall time of a run (Lightning's Timer in its last checkpoint, the earlier
+    parts of a resumed run included); None without one (a baseline, or a run trained before kd-train timed)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    states = torch.load(last, map_location="cpu", mmap=True, weights_only=True)["callbacks"]
+    return next((state["time_elapsed"]["train"] for key, state in states.items() if key.startswith("Timer")), None)
 
 
 def evaluate_model(model, tokenizer, test_cache: Path, prompts: int) -> list[tuple[str, str, float]]:

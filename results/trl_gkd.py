@@ -37,7 +37,9 @@ The same for both arms, per seed:
 - bf16 mixed precision (autocast, float32 weights); on a CPU without native bf16 the bf16 matmuls
   run as float32 matmuls of the bf16 operands, as in kd-train (``kd_lightning.precision``);
 - dropout off (TRL's ``disable_dropout``; the teacher in eval mode); seed = the run's seed; no
-  report_to, no checkpoints;
+  report_to; a checkpoint every ``--save-steps`` steps (the last two kept, deleted once evaluated), from
+  which a stopped run resumes (TRL's optimizer, schedule, random generators and data position,
+  with the training time and the record ids trained so far: ``Progress``);
 - evaluation: ``study.evaluate_model`` on Dolly test, Self-Instruct and Vicuna.
 
 TRL settings that had to be set explicitly (TRL's or transformers' defaults differ): learning_rate
@@ -45,7 +47,7 @@ TRL settings that had to be set explicitly (TRL's or transformers' defaults diff
 would also turn off the KV cache in sampling), warmup_steps=round(0.05 × steps) (transformers
 rounds a warm-up ratio up, kd_lightning to the nearest), optim="adamw_torch" (the default is the
 fused AdamW), train_sampling_strategy="sequential" (random), logging_steps=1, report_to="none",
-save_strategy="no", use_cpu (the study trains on CPUs), max_grad_norm, max_length, lmbda, beta,
+save_strategy="steps", use_cpu (the study trains on CPUs), max_grad_norm, max_length, lmbda, beta,
 temperature, max_new_tokens, seq_kd, disable_dropout (given even where they equal TRL's defaults,
 so that the config is their one source), and the student's ``generation_config`` EOS (TRL stops
 sampling at the model's EOS, kd_lightning at the tokenizer's: they are made the same).
@@ -80,8 +82,8 @@ What cannot be matched, and stays TRL's:
 - kd-train validates every 250 steps; TRL here does not (no effect on training).
 
 Rows: ``--rows/trl-gkd-seed{seed}.csv`` in the study's columns (``policy`` = ``trl-gkd``), with
-``train_seconds`` (the wall time of ``trainer.train()``); TRL's log per step (loss, grad norm,
-learning rate, the step's record ids) in ``--rows/logs/``.
+``train_seconds`` (the wall time of ``trainer.train()``, a resumed run's earlier parts included);
+TRL's log per step (loss, grad norm, learning rate, the step's record ids) in ``--rows/logs/``.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ import argparse
 import contextlib
 import csv
 import itertools
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -98,6 +102,7 @@ from datasets import Dataset
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from transformers import TrainerCallback
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 
@@ -162,8 +167,9 @@ def optimizer_settings(cfg: DictConfig) -> dict:
     return {key: optimizer.defaults[key] for key in ("lr", "betas", "eps", "weight_decay")}
 
 
-def gkd_config(cfg: DictConfig, output_dir: Path) -> GKDConfig:
-    """TRL's settings for the arm of ``cfg``; refuses settings TRL's GKD has no equivalent for."""
+def gkd_config(cfg: DictConfig, output_dir: Path, save_steps: int) -> GKDConfig:
+    """TRL's settings for the arm of ``cfg``, a checkpoint every ``save_steps`` steps; refuses
+    settings TRL's GKD has no equivalent for."""
     sampling = cfg.callbacks.student_responses
     unmatched = {
         "policy (on_policy, no replay buffer)": cfg.policy.name != "on_policy" or sampling.buffer_size != 0,
@@ -189,7 +195,8 @@ def gkd_config(cfg: DictConfig, output_dir: Path) -> GKDConfig:
         use_cpu=cfg.trainer.accelerator == "cpu", activation_checkpointing=cfg.module.gradient_checkpointing,
         max_length=cfg.data.max_length, lmbda=cfg.policy["lambda"], beta=cfg.divergence.beta,
         temperature=sampling.sampling_temperature, max_new_tokens=sampling.max_new_tokens, seq_kd=False,
-        disable_dropout=True, logging_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=0,
+        disable_dropout=True, logging_steps=1, report_to="none", dataloader_num_workers=0,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=2,
     )
 
 
@@ -205,7 +212,7 @@ class RecordingCollator(DataCollatorForChatML):
         return super().__call__(examples)
 
 
-def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path):
+def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path, save_steps: int):
     """The trainer of one seed: the exported student, the arm's teacher, kd-train's examples in
     its order; and the data module it read them from."""
     tokenizer = instantiate(cfg.model.tokenizer)
@@ -215,12 +222,44 @@ def study_trainer(cfg: DictConfig, student_dir: Path, output_dir: Path):
     student = load_causal_lm(str(student_dir), dtype=cfg.model.student.get("dtype", "float32"))
     # TRL stops sampling at the model's EOS, kd_lightning at the tokenizer's
     student.generation_config.eos_token_id = tokenizer.eos_token_id
-    config = gkd_config(cfg, output_dir)
+    config = gkd_config(cfg, output_dir, save_steps)
     trainer = GKDTrainer(
         model=student, teacher_model=frozen(instantiate(cfg.model.teacher)()), args=config, train_dataset=examples,
         processing_class=tokenizer, data_collator=RecordingCollator(tokenizer=tokenizer, max_length=config.max_length),
     )
     return trainer, data
+
+
+class Progress(TrainerCallback):
+    """Training's wall time and the record ids of the batches trained so far, saved beside each
+    checkpoint and restored from one: a resumed run counts on (the Trainer skips the batches
+    it trained before without collating them again)."""
+
+    FILE = "study_progress.json"
+
+    def __init__(self, collator: RecordingCollator, checkpoint: Path | None):
+        self.collator, self.earlier, self.started = collator, 0.0, time.perf_counter()
+        if checkpoint is not None:
+            saved = json.loads((checkpoint / self.FILE).read_text())
+            self.earlier, collator.records = saved["train_seconds"], saved["records"]
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        # the data loader may have collated the next batch already: keep the trained ones
+        trained = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        progress = {"train_seconds": self.seconds(), "records": self.collator.records[:trained]}
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE).write_text(json.dumps(progress))
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint in ``output_dir`` with its progress saved (a stop between the two leaves one without)."""
+    saved = [folder for folder in output_dir.glob("checkpoint-*") if (folder / Progress.FILE).exists()]
+    return max(saved, key=lambda folder: int(folder.name.rsplit("-", 1)[1]), default=None)
 
 
 def bf16_matmuls(config: GKDConfig) -> contextlib.AbstractContextManager:
@@ -254,11 +293,13 @@ def train_seed(seed: int, args) -> Path:
             return out
         # composed with the arm's overrides, which --overrides may change (policy.lambda=1, …)
         student_dir = export_student(args.cache / "student", [*ARMS[ARM][1], *args.overrides])
-        trainer, data = study_trainer(cfg, student_dir, args.runs / name)
-        started = time.perf_counter()
+        trainer, data = study_trainer(cfg, student_dir, args.runs / name, args.save_steps)
+        resume = last_checkpoint(args.runs / name)
+        progress = Progress(trainer.data_collator, resume)
+        trainer.add_callback(progress)
         with bf16_matmuls(trainer.args):
-            trainer.train()
-        seconds = time.perf_counter() - started
+            trainer.train(resume_from_checkpoint=resume and str(resume))
+        seconds = progress.seconds()
         write_log(trainer, args.rows / "logs" / f"{name}.csv")
         student = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # accelerate's autocast off
         rows = evaluate_model(student, data.tokenizer, args.cache / "dolly-test", args.prompts)
@@ -266,6 +307,8 @@ def train_seed(seed: int, args) -> Path:
         described = {**description(ARM, seed, examples), "policy": POLICY}
         write_rows(rows + [("train_seconds", "all", seconds)], described, out)
         print(f"{name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
+        for checkpoint in (args.runs / name).glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
     return out
 
 
@@ -276,6 +319,7 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=Path("results/study_runs"), help="one CSV per evaluated run")
     parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="generation prompts per test set")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--save-steps", type=int, default=25, help="a checkpoint every this many steps, to resume from")
     parser.add_argument("--overrides", nargs="*", default=[], help="for every compose (a smoke run: model=tiny …)")
     args = parser.parse_args()
     if not (args.cache / "dolly-test").exists():

@@ -90,9 +90,12 @@ def test_mixed_policy_killed_after_an_epoch_end_checkpoint_resumes_exactly(tmp_p
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = tmp_path / "interrupted"
     kill = ["+callbacks.kill._target_=fault_injection.KillAtStep", "+callbacks.kill.step=12"]
-    assert position(killed(run, overrides, *kill)) == (10, 5, True)  # the end of epoch 1
+    stopped = killed(run, overrides, *kill)
+    assert position(stopped) == (10, 5, True)  # the end of epoch 1
     resumed(run, overrides)
     assert_same_student(tmp_path / "reference", run)
+    training_time = [state["callbacks"]["Timer"]["time_elapsed"]["train"] for state in (stopped, checkpoint(run))]
+    assert 0 < training_time[0] < training_time[1]  # the resumed run counts on from the stopped one's time
     expected, actual = (checkpoint(path)["callbacks"]["StudentResponses"] for path in (tmp_path / "reference", run))
     assert len(expected["buffer"]) > 0 and len(expected["buffer"]) == len(actual["buffer"])
     for (prompt, response), (prompt_again, response_again) in zip(expected["buffer"], actual["buffer"]):

@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
-from study import ARMS, COLUMNS, SEEDS, TOP_K, claim, collect, description, plan  # noqa: E402
+from study import ARMS, COLUMNS, SEEDS, TOP_K, claim, collect, description, plan, training_seconds  # noqa: E402
 
 
 def test_a_run_held_by_one_driver_is_refused_to_another_until_released(tmp_path):
@@ -78,3 +79,12 @@ def test_collect_joins_the_matching_runs_rows_and_writes_no_table_without_any(tm
     assert (tmp_path / "study.csv").read_text().splitlines()[1].endswith(",4.5")
     collect(rows_dir, tmp_path / "none.csv", "teacher*")
     assert not (tmp_path / "none.csv").exists()
+
+
+def test_training_time_is_read_from_the_runs_last_checkpoint(tmp_path):
+    assert training_seconds(tmp_path) is None  # a baseline: no checkpoint
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"callbacks": {"RandomState": {}}}, tmp_path / "checkpoints" / "last.ckpt")
+    assert training_seconds(tmp_path) is None  # trained before kd-train timed
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 125.5, "validate": 0.0}}}}, tmp_path / "checkpoints" / "last.ckpt")
+    assert training_seconds(tmp_path) == 125.5

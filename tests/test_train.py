@@ -97,13 +97,15 @@ def test_moved_keys_are_refused_naming_the_new_one(override, new_key):
 
 def test_every_callback_comes_from_the_callbacks_group(tmp_path):
     """Selection, policy and export are entries of one group, instantiated in order."""
+    from lightning.pytorch.callbacks import Timer
+
     from kd_lightning.callbacks import InverseDifficultyTemperature, LossAdaptiveTokenFocusing, RandomState, StudentResponses
     from kd_lightning.export import ExportStudent
     from kd_lightning.train import instantiate_callbacks
 
     cfg = compose_config(tmp_path, "selection=adakd", "policy=on_policy", "callbacks.student_responses.sampling_temperature=0.7")
     assert [type(callback) for callback in instantiate_callbacks(cfg)][1:] == [
-        RandomState, LossAdaptiveTokenFocusing, InverseDifficultyTemperature, StudentResponses
+        Timer, RandomState, LossAdaptiveTokenFocusing, InverseDifficultyTemperature, StudentResponses
     ]
     assert instantiate_callbacks(cfg)[-1].sampling_temperature == 0.7
     exported = instantiate_callbacks(compose_config(tmp_path, "export.enabled=true"))

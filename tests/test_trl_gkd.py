@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from transformers import get_scheduler
+from transformers import TrainerCallback, get_scheduler
 
 from kd_lightning import losses
 
@@ -70,29 +70,57 @@ def test_trls_loss_is_kd_lightnings_jsd_at_tau_1_and_another_tau_is_refused():
     kd_lightning_jsd = losses.get("jsd", beta=0.5)(student, teacher, 1.0)[labels != -100].mean()  # the gkd arm's
     assert trl_loss.item() == pytest.approx(kd_lightning_jsd.item(), rel=1e-5)
     with pytest.raises(ValueError, match="temperature"):
-        trl_gkd.gkd_config(trl_gkd.arm_config(0, [*TINY, "temperature=0.9"]), Path("unused"))
+        trl_gkd.gkd_config(trl_gkd.arm_config(0, [*TINY, "temperature=0.9"]), Path("unused"), save_steps=1)
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAfterFirstStep(TrainerCallback):
+    """Stops the first training after its first step (and its checkpoint); keeps the step each training began at."""
+
+    def __init__(self, began: list[int]):
+        self.began = began
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began.append(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1 and self.began == [0]:
+            raise Stop
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny seed trained by ``train_seed`` (evaluation stood in for): its trainer, data
-    module, composed config, rows file and training log."""
-    built, build = {}, trl_gkd.study_trainer
+    """One tiny seed trained by ``train_seed`` (evaluation stood in for), stopped after its first
+    step and resumed from its checkpoint: its trainer, data module, composed config, rows file,
+    training log and the steps its two trainings began at."""
+    built, build, began = {}, trl_gkd.study_trainer, []
 
     def keep(*args):
         built["trainer"], built["data"] = build(*args)
+        built["trainer"].add_callback(StopAfterFirstStep(began))
         return built["trainer"], built["data"]
 
     root = tmp_path_factory.mktemp("trl_gkd")
     args = Namespace(runs=root / "runs", cache=root / "cache", rows=root / "rows", prompts=1, seeds=[1],
-                     overrides=TINY)
+                     overrides=TINY, save_steps=1)
     args.rows.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trl_gkd, "study_trainer", keep)
         patch.setattr(trl_gkd, "evaluate_model", lambda model, tokenizer, cache, prompts: [("nll", "dolly-test", 4.5)])
+        with pytest.raises(Stop):
+            trl_gkd.train_seed(1, args)
         out = trl_gkd.train_seed(1, args)
     log = list(csv.DictReader((args.rows / "logs" / out.name).open()))
-    return SimpleNamespace(**built, cfg=trl_gkd.arm_config(1, TINY), out=out, log=log)
+    return SimpleNamespace(**built, cfg=trl_gkd.arm_config(1, TINY), out=out, log=log, began=began,
+                           checkpoints=list((args.runs / out.stem).glob("checkpoint-*")))
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_cleans_up(trained):
+    assert trained.began == [0, 1]  # the second training began after the first step
+    assert [int(row["step"]) for row in trained.log] == [1, 2] and trained.checkpoints == []
 
 
 def test_trl_sees_kd_trains_examples_in_kd_trains_order_as_kd_lightning_tokenised_them(trained):
