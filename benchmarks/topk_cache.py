@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -88,6 +89,16 @@ def loss_and_gradient(divergence, student_hidden, student_weight, targets, tempe
     return float(loss.detach()), torch.cat([gradient.flatten() for gradient in gradients])
 
 
+def cosine(first: torch.Tensor, second: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """The cosine of two flat vectors, summed in float64 chunk by chunk (a float64 copy of a
+    gradient with the lm_head of a 152k vocabulary would take a GB)."""
+    dot = first_norm = second_norm = 0.0
+    for a, b in zip(first.split(chunk), second.split(chunk)):
+        a, b = a.double(), b.double()
+        dot, first_norm, second_norm = dot + float(a @ b), first_norm + float(a @ a), second_norm + float(b @ b)
+    return dot / math.sqrt(first_norm * second_norm)
+
+
 def accuracy(student, teacher, batches, vocab_size: int) -> dict:
     """(divergence, τ, K) → the per-batch relative loss errors and gradient cosines."""
     student_weight = lm_head(student).weight[:vocab_size]
@@ -104,8 +115,7 @@ def accuracy(student, teacher, batches, vocab_size: int) -> dict:
                 reference, reference_gradient = loss_and_gradient(divergence, states.student, student_weight, exact, tau)
                 for k, targets in top.items():
                     value, gradient = loss_and_gradient(divergence, states.student, student_weight, targets, tau)
-                    cosine = float(torch.nn.functional.cosine_similarity(gradient.double(), reference_gradient.double(), dim=0))
-                    found.setdefault((name, tau, k), []).append((abs(value - reference) / reference, cosine))
+                    found.setdefault((name, tau, k), []).append((abs(value - reference) / reference, cosine(gradient, reference_gradient)))
     return found
 
 
@@ -148,7 +158,8 @@ def cpu_name() -> str:
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return f"{model}, {torch.get_num_threads()} threads, {'native bf16' if cpu_has_bf16() else 'AVX2 only, no native bf16'}"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads > 1 else ''}, {'native bf16' if cpu_has_bf16() else 'AVX2 only, no native bf16'}"
 
 
 def report(name: str, vocab_size: int, hidden_size: int, tokens: int, found: dict, seconds: dict, command: str) -> str:
