@@ -25,18 +25,10 @@ from pathlib import Path
 
 import torch
 
-from kd_lightning.precision import cpu_has_bf16
+from kd_lightning.precision import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 FIRST_BATCHES = 5  # "the first batches": the mean training KD loss of this many steps
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the machine's name where it has none)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else os.uname().machine
 
 
 def run_default_recipe(run_dir: Path, overrides: list[str]) -> float:
@@ -80,8 +72,7 @@ def report(run_dir: Path, seconds: float | None, command: str) -> str:
     lines = [
         "# The default run (`kd-train`, no overrides)",
         "",
-        f"`{command}` on {cpu_model()} ({'native' if cpu_has_bf16() else 'no native'} bf16), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average {os.getloadavg()[0]:.2f} "
+        f"`{command}` on {cpu_description()}, torch {torch.__version__}; load average {os.getloadavg()[0]:.2f} "
         "at the end (other jobs share the machine: the seconds are rough, the losses are not).",
         "",
         "| after steps | validation KD loss | validation CE loss |",

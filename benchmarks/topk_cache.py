@@ -26,7 +26,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ from kd_lightning import DistillationModule, losses
 from kd_lightning.cache import CachedTeacher, TeacherCacheWriter
 from kd_lightning.heads import counted_states
 from kd_lightning.models import lm_head
+from kd_lightning.precision import cpu_description
 from kd_lightning.topk_cache import TopKCachedTeacher, TopKCacheWriter, id_bits, pack_ids, top_log_probs, unpack_ids
 
 RESULTS = Path(__file__).parent / "results"
@@ -153,19 +153,10 @@ def spread(values: list[float], digits: str) -> str:
     return f"{statistics.median(values):{digits}} [{min(values):{digits}}, {max(values):{digits}}]"
 
 
-def cpu_name() -> str:
-    from kd_lightning.precision import cpu_has_bf16
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    threads = torch.get_num_threads()
-    return f"{model}, {threads} thread{'s' if threads > 1 else ''}, {'native bf16' if cpu_has_bf16() else 'AVX2 only, no native bf16'}"
-
-
 def report(name: str, vocab_size: int, hidden_size: int, tokens: int, found: dict, seconds: dict, command: str) -> str:
     bits = id_bits(vocab_size)
     lines = [f"## {name}: V = {vocab_size:,} ({bits}-bit ids), H = {hidden_size}", "",
-             f"`{command}` on {cpu_name()}; {tokens:,} counted tokens in the accuracy batches.", "",
+             f"`{command}` on {cpu_description()}; {tokens:,} counted tokens in the accuracy batches.", "",
              "| K | top-k bytes / token | exact (float32 states) | ratio |", "|---:|---:|---:|---:|"]
     for k in top_ks(vocab_size):
         topk_bytes = 2 * k + -(-k * bits // 8) + 4

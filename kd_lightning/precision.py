@@ -8,6 +8,8 @@ SmolLM2 study at 5.6 tokens/s against 58-105 with this module (one run each, 2 t
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,6 +24,17 @@ def cpu_has_bf16() -> bool:
     torch emulates bf16 matmuls. A torch without these probes is trusted."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: True)() for probe in probes)
+
+
+def cpu_description() -> str:
+    """This CPU for a measurement's record: its model name (from /proc/cpuinfo where there
+    is one), the threads torch uses, and whether it has native bf16."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    threads = torch.get_num_threads()
+    return (f"{model or platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}, "
+            f"{'native' if cpu_has_bf16() else 'no native'} bf16")
 
 
 class Float32MatmulsForBf16(TorchDispatchMode):

@@ -22,8 +22,9 @@ bf16 matmuls as float32 matmuls of the bf16 operands (``kd_lightning.precision``
 - ``rouge_l`` (sampling, top-p 1, temperature 1, one seed), ``rouge_l_greedy`` and
   ``gen_tokens`` (mean answer length of the sampled answers) on the first 100 prompts of
   Dolly test and Self-Instruct and all 80 of Vicuna;
-- ``train_seconds`` (dataset ``all``): training's wall time, validation included, on this
-  machine with the other drivers beside it.
+- ``train_seconds`` (dataset ``all``): training's wall time, validation included, with the
+  other drivers beside it, summed over a resumed run's parts; the CPU of each part is in
+  ``results/study_runs/logs/NAME.machines.txt``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from kd_lightning import DistillationModule, InstructionDataModule
 from kd_lightning.cache import CachedTeacher
 from kd_lightning.evaluation import eval_records, generate, rouge_l
 from kd_lightning.data.datamodule import format_prompt
-from kd_lightning.precision import cpu_bf16_matmuls
+from kd_lightning.precision import cpu_bf16_matmuls, cpu_description
 from kd_lightning.runs import load_run, run_config
 
 SEEDS = (0, 1, 2)
@@ -90,6 +92,8 @@ CACHES = {"topk": (f"train-top{TOP_K}", ["cache.format=topk", f"cache.top_k={TOP
           "cross": ("train-cross", ["cross_tokenizer=hybrid"])}
 DEFAULT_CACHE = ("train", [])
 DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
+#: a run's record of the machines its training ran on, one line per start or resume
+MACHINES = "machines.txt"
 
 
 def arm_cache(arm: str) -> tuple[str, list[str]] | None:
@@ -159,11 +163,14 @@ def build_caches(args, groups: list[str]) -> None:
 
 
 def train(run_dir: Path, overrides: list[str], cache: Path | None) -> None:
-    """``kd-train`` of one run from ``cache`` (the live teacher for None), resumed where it stopped."""
+    """``kd-train`` of one run from ``cache`` (the live teacher for None), resumed where it
+    stopped; each part's start and machine are appended to ``run_dir/machines.txt``."""
     if (run_dir / "checkpoints" / "done").exists():
         return
     resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
     source = [] if cache is None else [f"teacher_cache={cache}"]
+    with open(run_dir / MACHINES, "a") as record:
+        record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resumed' if resume else 'started'} on {cpu_description()}\n")
     sh("kd-train", "experiment=study", *source, *overrides, *resume, f"hydra.run.dir={run_dir}")
     (run_dir / "checkpoints" / "done").touch()
 
@@ -230,9 +237,10 @@ def evaluate(run_dir: Path, role: str, description: dict, test_cache: Path, out:
     seconds = training_seconds(run_dir)
     tokenizer, model, _ = load_run(run_dir, role)
     rows = evaluate_model(model, tokenizer, test_cache, prompts) + ([] if seconds is None else [("train_seconds", "all", seconds)])
-    if (run_dir / "metrics.csv").exists():  # the training curves, for the record
-        (out.parent / "logs").mkdir(exist_ok=True)
-        shutil.copyfile(run_dir / "metrics.csv", out.parent / "logs" / out.name)
+    for record, kept in (("metrics.csv", out.name), (MACHINES, f"{out.stem}.{MACHINES}")):  # the training curves, the machines
+        if (run_dir / record).exists():
+            (out.parent / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(run_dir / record, out.parent / "logs" / kept)
     write_rows(rows, description, out)
     print(f"{run_dir.name}: " + ", ".join(f"{m}/{d}={v:.2f}" for m, d, v in rows), flush=True)
 

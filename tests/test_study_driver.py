@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "results"))
+import study  # noqa: E402
 from study import ARMS, COLUMNS, SEEDS, TOP_K, claim, collect, description, plan, training_seconds  # noqa: E402
 
 
@@ -88,3 +89,18 @@ def test_training_time_is_read_from_the_runs_last_checkpoint(tmp_path):
     assert training_seconds(tmp_path) is None  # trained before kd-train timed
     torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 125.5, "validate": 0.0}}}}, tmp_path / "checkpoints" / "last.ckpt")
     assert training_seconds(tmp_path) == 125.5
+
+
+def test_each_part_of_a_run_records_the_machine_it_trains_on(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study, "sh", lambda *command: commands.append(command))
+    (tmp_path / "checkpoints").mkdir()
+    study.train(tmp_path, ["seed=0"], None)
+    (tmp_path / "checkpoints" / "done").unlink()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()  # stopped: the next part resumes
+    study.train(tmp_path, ["seed=0"], None)
+    study.train(tmp_path, ["seed=0"], None)  # done: nothing runs, nothing is recorded
+    parts = (tmp_path / study.MACHINES).read_text().splitlines()
+    assert len(commands) == len(parts) == 2 and "ckpt_path=last" in commands[1]
+    assert " started on " in parts[0] and " resumed on " in parts[1]
+    assert all(part.endswith(" bf16") and " thread" in part for part in parts)
