@@ -94,6 +94,8 @@ DEFAULT_CACHE = ("train", [])
 DEFAULT_TEACHER = "SmolLM2-135M-Instruct"
 #: a run's record of the machines its training ran on, one line per start or resume
 MACHINES = "machines.txt"
+#: minutes of training between two saves of last.ckpt: what a stopped run loses at most
+CHECKPOINT_MINUTES = 10
 
 
 def arm_cache(arm: str) -> tuple[str, list[str]] | None:
@@ -171,7 +173,8 @@ def train(run_dir: Path, overrides: list[str], cache: Path | None) -> None:
     source = [] if cache is None else [f"teacher_cache={cache}"]
     with open(run_dir / MACHINES, "a") as record:
         record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resumed' if resume else 'started'} on {cpu_description()}\n")
-    sh("kd-train", "experiment=study", *source, *overrides, *resume, f"hydra.run.dir={run_dir}")
+    sh("kd-train", "experiment=study", *source, *overrides, *resume, f"checkpoint.every_minutes={CHECKPOINT_MINUTES}",
+       f"hydra.run.dir={run_dir}")
     (run_dir / "checkpoints" / "done").touch()
 
 
