@@ -171,11 +171,16 @@ def train(run_dir: Path, overrides: list[str], cache: Path | None) -> None:
         return
     resume = ["ckpt_path=last"] if (run_dir / "checkpoints" / "last.ckpt").exists() else []
     source = [] if cache is None else [f"teacher_cache={cache}"]
-    with open(run_dir / MACHINES, "a") as record:
-        record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resumed' if resume else 'started'} on {cpu_description()}\n")
+    record_machine(run_dir, resumed=bool(resume))
     sh("kd-train", "experiment=study", *source, *overrides, *resume, f"checkpoint.every_minutes={CHECKPOINT_MINUTES}",
        f"hydra.run.dir={run_dir}")
     (run_dir / "checkpoints" / "done").touch()
+
+
+def record_machine(run_dir: Path, resumed: bool) -> None:
+    """Append a line to ``run_dir/machines.txt``: when this part of the run's training starts, and on which CPU."""
+    with open(run_dir / MACHINES, "a") as record:
+        record.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resumed' if resumed else 'started'} on {cpu_description()}\n")
 
 
 @contextlib.contextmanager

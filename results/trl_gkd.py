@@ -83,7 +83,8 @@ What cannot be matched, and stays TRL's:
 
 Rows: ``--rows/trl-gkd-seed{seed}.csv`` in the study's columns (``policy`` = ``trl-gkd``), with
 ``train_seconds`` (the wall time of ``trainer.train()``, a resumed run's earlier parts included);
-TRL's log per step (loss, grad norm, learning rate, the step's record ids) in ``--rows/logs/``.
+TRL's log per step (loss, grad norm, learning rate, the step's record ids) in ``--rows/logs/``, and
+the CPU each part of the training ran on beside it (``trl-gkd-seed{seed}.machines.txt``).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ from trl.experimental.utils import DataCollatorForChatML
 from kd_lightning.constants import IGNORE_INDEX
 from kd_lightning.models import frozen, load_causal_lm
 from kd_lightning.precision import cpu_bf16_matmuls
-from study import ARMS, EVAL_PROMPTS, SEEDS, claim, description, evaluate_model, export_student, write_rows
+from study import (ARMS, EVAL_PROMPTS, MACHINES, SEEDS, claim, description, evaluate_model, export_student, record_machine,
+                   write_rows)
 
 ARM = "gkd"
 POLICY = "trl-gkd"
@@ -296,11 +298,13 @@ def train_seed(seed: int, args) -> Path:
         trainer, data = study_trainer(cfg, student_dir, args.runs / name, args.save_steps)
         resume = last_checkpoint(args.runs / name)
         progress = Progress(trainer.data_collator, resume)
+        record_machine(args.runs / name, resumed=resume is not None)
         trainer.add_callback(progress)
         with bf16_matmuls(trainer.args):
             trainer.train(resume_from_checkpoint=resume and str(resume))
         seconds = progress.seconds()
         write_log(trainer, args.rows / "logs" / f"{name}.csv")
+        shutil.copyfile(args.runs / name / MACHINES, args.rows / "logs" / f"{name}.{MACHINES}")
         student = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # accelerate's autocast off
         rows = evaluate_model(student, data.tokenizer, args.cache / "dolly-test", args.prompts)
         examples = cfg.trainer.max_steps * cfg.data.batch_size

@@ -114,13 +114,15 @@ def trained(tmp_path_factory):
             trl_gkd.train_seed(1, args)
         out = trl_gkd.train_seed(1, args)
     log = list(csv.DictReader((args.rows / "logs" / out.name).open()))
-    return SimpleNamespace(**built, cfg=trl_gkd.arm_config(1, TINY), out=out, log=log, began=began,
+    machines = (args.rows / "logs" / f"{out.stem}.{trl_gkd.MACHINES}").read_text().splitlines()
+    return SimpleNamespace(**built, cfg=trl_gkd.arm_config(1, TINY), out=out, log=log, began=began, machines=machines,
                            checkpoints=list((args.runs / out.stem).glob("checkpoint-*")))
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint_and_cleans_up(trained):
     assert trained.began == [0, 1]  # the second training began after the first step
     assert [int(row["step"]) for row in trained.log] == [1, 2] and trained.checkpoints == []
+    assert [line.split(" on ")[0].split()[-1] for line in trained.machines] == ["started", "resumed"]
 
 
 def test_trl_sees_kd_trains_examples_in_kd_trains_order_as_kd_lightning_tokenised_them(trained):
