@@ -14,7 +14,6 @@ step (each round's mean, the first step left out) with its min–max over the ro
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from loss_bench import interleaved_rounds
 from omegaconf import open_dict
 from policy_cost import StepTimer
 
+from kd_lightning.precision import cpu_description
 from kd_lightning.train import fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,7 +77,7 @@ def main() -> None:
         "# LoRA students against full fine-tuning",
         "",
         f"`python benchmarks/lora_cost.py --steps {args.steps} --rounds {args.rounds}` on "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+        f"{cpu_description()}, torch {torch.__version__}: "
         "the default recipe (SmolLM2-135M-Instruct teacher → 10-layer copy, FKL, batches of 4 Dolly examples). "
         f"Seconds per step: the median over {args.rounds} interleaved rounds of each round's mean over steps "
         f"2–{args.steps}, with the rounds' min–max.",

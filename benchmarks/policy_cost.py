@@ -13,7 +13,6 @@ step (the first step left out), their ratio, and the student's generation speed:
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from kd_lightning.precision import cpu_description
 from kd_lightning.train import fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,7 +84,7 @@ def main() -> None:
         "# Cost of a training step per data-source policy",
         "",
         f"`python benchmarks/policy_cost.py --steps {args.steps} --max-new-tokens {args.max_new_tokens}` on "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+        f"{cpu_description()}, torch {torch.__version__}: "
         "the default recipe (SmolLM2-135M-Instruct teacher → 10-layer copy, FKL, batches of 4 Dolly examples), "
         f"mean over steps 2–{args.steps}.",
         "",

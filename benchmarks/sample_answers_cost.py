@@ -13,7 +13,6 @@ prompts (4 Dolly test instructions, ≤ 64 new tokens), each ``--repeats`` times
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 from policy_cost import RESULTS, timed_fit
 
 from kd_lightning.callbacks import SampleAnswers
+from kd_lightning.precision import cpu_description
 
 DEFAULT_RUN_STEPS = 80  # model=smollm2's budget (conf/experiment/budget/smollm2.yaml)
 
@@ -56,7 +56,7 @@ def main() -> None:
         "# Cost of sample answers (`callbacks.sample_answers`)",
         "",
         f"`python benchmarks/sample_answers_cost.py --steps {args.steps} --repeats {args.repeats}` on "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+        f"{cpu_description()}, torch {torch.__version__}: "
         "the default recipe (SmolLM2-135M-Instruct teacher → 10-layer copy, FKL, batches of 4 Dolly examples); "
         f"training: mean over steps 2–{args.steps}; generation ({callback.num_prompts} prompts, {callback.decoding}): "
         f"median of {args.repeats}.",

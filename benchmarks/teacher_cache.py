@@ -19,7 +19,6 @@ import argparse
 import copy
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from kd_lightning import DistillationModule
 from kd_lightning.cache import CachedTeacher, TeacherCacheWriter
 from kd_lightning.cache_build import run_fingerprint
 from kd_lightning.data.datamodule import counted_positions
+from kd_lightning.precision import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 CASES = ("live fp32", "live bf16", "cache fp32", "cache bf16")
@@ -150,7 +150,7 @@ def main() -> None:
         "# Teacher cache: step time, memory and break-even",
         "",
         f"`python benchmarks/teacher_cache.py --model {args.model} --repeats {args.repeats}` on "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
+        f"{cpu_description()}, torch {torch.__version__}: "
         "the default recipe's teacher and student, FKL at τ = 1, AdamW steps on batches of 4 Dolly examples "
         f"({tokens:.0f} tokens a batch on average), the four cases interleaved step by step; "
         f"median (min–max) of {args.repeats} steps after one warm-up step (the batches differ in length; the ratio "
