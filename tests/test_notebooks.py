@@ -24,6 +24,13 @@ def test_tau_sweep_notebook_plots_a_small_csv(tmp_path, monkeypatch):
 def test_study_notebook_gives_verdicts_and_plots_from_a_small_csv(tmp_path, monkeypatch):
     monkeypatch.setenv("STUDY_CSV", str(ROOT / "tests" / "fixtures" / "study_small.csv"))
     monkeypatch.setenv("STUDY_FIGURES", str(tmp_path))
+    runs = tmp_path / "study_runs"
+    (runs / "logs").mkdir(parents=True)  # one run with its training time, resumed once on another CPU
+    (runs / "gkd-seed0.csv").write_text("divergence,seed,metric,dataset,value\njsd,0,nll,dolly-test,4.5\njsd,0,train_seconds,all,5400\n")
+    (runs / "logs" / "gkd-seed0.machines.txt").write_text("2026-12-07 21:54:34 started on CPU A, 1 thread, no native bf16\n"
+                                                         "2026-12-07 23:24:00 resumed on CPU B, 1 thread, native bf16\n")
+    (runs / "ce-seed0.csv").write_text("divergence,seed,metric,dataset,value\nce,0,nll,dolly-test,4.7\n")  # recorded none
+    monkeypatch.setenv("STUDY_RUNS", str(runs))
     notebook = nbformat.read(ROOT / "notebooks" / "study.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     for name in ("study_tau.png", "study_arms.png"):
@@ -32,6 +39,9 @@ def test_study_notebook_gives_verdicts_and_plots_from_a_small_csv(tmp_path, monk
     assert "118 rows, 7 arms, seeds [0, 1], 2000 training examples per run" in outputs
     per_set = next(cell.outputs[0]["data"]["text/plain"] for cell in notebook.cells if "per_set" in cell.source)
     assert "vicuna" in per_set and "13.25 ± 0.35" in per_set  # FKL at τ = 1 on Vicuna
+    wall = next(cell.outputs[1]["data"]["text/plain"] for cell in notebook.cells if "machines(path.stem)" in cell.source)
+    assert "gkd-seed0" in wall and "1.5" in wall and "ce-seed0" not in wall
+    assert "2 part(s) on CPU A, 1 thread, no native bf16; CPU B, 1 thread, native bf16" in wall
     # paired over the two seeds: RKL's ROUGE-L is 1 point above FKL's at τ = 1 in both
     assert "| RKL ahead of FKL at τ = 1 | rouge_l | 2 | +1.00 [+1.00, +1.00] | holds |" in outputs
     assert "| FKL ahead of RKL at τ = 2 | nll | 2 | -0.10 [-0.10, -0.10] | reversed |" in outputs
