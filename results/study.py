@@ -70,9 +70,11 @@ ARMS = {
     "rkl-adakd-tau1": ("adakd", ["divergence=rkl", "selection=adakd", "temperature=1"]),
     f"fkl-top{TOP_K}-tau1": ("topk", ["divergence=fkl", "temperature=1"]),
     # a teacher of another family (--cross-teacher-gguf): hybrid with FKL at the core arms' best τ
-    # for sampled ROUGE-L (2), uld and gold at their authors' τ = 1
+    # for sampled ROUGE-L (2), uld and gold at their authors' τ = 1; uld with its authors' cross-entropy
+    # at 1:1 (ULD alone is blind to which token is which: any permutation of the student's vocabulary
+    # leaves it unchanged), gold without, as TRL's GOLDConfig (uld_crossentropy_weight = 0)
     "hybrid-fkl-tau2": ("cross", ["cross_tokenizer=hybrid", "divergence=fkl", "temperature=2"]),
-    "uld-tau1": ("cross", ["cross_tokenizer=uld", "temperature=1"]),
+    "uld-ce-tau1": ("cross", ["cross_tokenizer=uld", "temperature=1", "module.ce_weight=0.5"]),
     "gold-tau1": ("cross", ["cross_tokenizer=gold", "temperature=1"]),
     # on the student's own samples, from the live teacher: GKD as TRL GKDTrainer runs at its defaults
     # (λ = 0.5, JSD β = 0.5 at τ = 1 with no τ² factor, sampling at temperature 0.9, top-p 1, 128 new
@@ -320,11 +322,14 @@ def teacher_outputs(arm: str) -> str:
 
 def description(arm: str, seed: int, examples: int, teacher: str = DEFAULT_TEACHER) -> dict:
     """A row's description of ``arm``; ``divergence`` is the cross-tokenizer objective (with
-    hybrid's divergence, ``hybrid-fkl``) for the cross group."""
+    hybrid's divergence, ``hybrid-fkl``) for the cross group, ``+ce`` where a KD arm mixes in
+    the cross-entropy (``uld+ce``)."""
     overrides = dict(item.split("=", 1) for item in ARMS[arm][1]) if arm in ARMS else {}
     divergence = "ce" if arm == "ce" or arm in PILOT else overrides.get("divergence", arm)
     if "cross_tokenizer" in overrides:
         divergence = "-".join(filter(None, (overrides["cross_tokenizer"], overrides.get("divergence"))))
+    if divergence != "ce" and "module.ce_weight" in overrides:
+        divergence += "+ce"
     return {
         "divergence": divergence,
         "temperature": overrides.get("temperature", ""),

@@ -38,6 +38,7 @@ def test_rows_describe_the_arm_as_the_table_columns_expect():
     }
     cross = description("hybrid-fkl-tau2", 0, 2000, teacher="qwen")
     assert (cross["divergence"], cross["temperature"], cross["teacher"]) == ("hybrid-fkl", "2", "qwen")
+    assert description("uld-ce-tau1", 0, 2000, teacher="qwen")["divergence"] == "uld+ce"  # ULD with its authors' CE
     assert description("gold-tau1", 0, 2000, teacher="qwen")["divergence"] == "gold"
     gkd, offline = description("gkd", 0, 2000), description("jsd-tau1", 0, 2000)
     assert (gkd["policy"], gkd["teacher_outputs"], gkd["divergence"], gkd["temperature"]) == ("on_policy", "live", "jsd", "1")
