@@ -39,7 +39,7 @@ def test_study_notebook_gives_verdicts_and_plots_from_a_small_csv(tmp_path, monk
     assert "118 rows, 7 arms, seeds [0, 1], 2000 training examples per run" in outputs
     per_set = next(cell.outputs[0]["data"]["text/plain"] for cell in notebook.cells if "per_set" in cell.source)
     assert "vicuna" in per_set and "13.25 ± 0.35" in per_set  # FKL at τ = 1 on Vicuna
-    wall = next(cell.outputs[1]["data"]["text/plain"] for cell in notebook.cells if "machines(path.stem)" in cell.source)
+    wall = next(cell.outputs[0]["data"]["text/plain"] for cell in notebook.cells if "machines(path.stem)" in cell.source)
     assert "gkd-seed0" in wall and "1.5" in wall and "ce-seed0" not in wall
     assert "2 part(s) on CPU A, 1 thread, no native bf16; CPU B, 1 thread, native bf16" in wall
     # paired over the two seeds: RKL's ROUGE-L is 1 point above FKL's at τ = 1 in both
