@@ -9,7 +9,10 @@ batches of 4 examples ≤ 256 tokens), one optimizer step (forward, backward, Ad
   of the same examples, both sides tokenised by SmolLM2 (every group one token, the
   identity match): the same models and the same loss value as ``none`` for ``hybrid``, so
   the difference is the cross-tokenizer machinery (two tokenisations, the groups' gathers,
-  the checkpointed group head, GOLD's merge for ``gold``);
+  the group head, GOLD's merge for ``gold``);
+- ``hybrid-eager``: ``hybrid`` with ``loss_impl=eager``, whose group head is checkpointed
+  (the backward pass computes both sides' logits again; ``hybrid`` computes its gradients
+  in the forward pass);
 
 interleaved case by case over the same examples in one process (medians of the timed
 steps and of the per-round ratios, min–max in brackets; the first round warms up).
@@ -39,11 +42,12 @@ from hydra.utils import instantiate
 from kd_lightning import DistillationModule
 from kd_lightning.cross_tokenizer import CrossTokenizer, identity_match
 from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule, encode_cross_example
+from kd_lightning.precision import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from real_tokenizers import gpt2_tokenizer, llama3_tokenizer  # noqa: E402
-from topk_cache import cpu_name, spread  # noqa: E402
+from topk_cache import spread  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -63,11 +67,11 @@ def recipe(model: str, examples: int):
 
 
 def step_seconds(student, teacher, vocab_size: int, cases: dict, rounds: int) -> dict:
-    """Seconds per optimizer step of each case (cross_tokenizer, divergence, batches), interleaved."""
+    """Seconds per optimizer step of each case (cross_tokenizer, divergence, batches, loss_impl), interleaved."""
     runs = {}
-    for name, (cross_tokenizer, divergence, batches) in cases.items():
+    for name, (cross_tokenizer, divergence, batches, loss_impl) in cases.items():
         module = DistillationModule(student=copy.deepcopy(student), teacher=teacher, divergence=divergence,
-                                    vocab_size=vocab_size, cross_tokenizer=cross_tokenizer)
+                                    vocab_size=vocab_size, cross_tokenizer=cross_tokenizer, loss_impl=loss_impl)
         runs[name] = (module.train(), torch.optim.AdamW(module.student.parameters(), lr=2e-4), batches)
     seconds = {name: [] for name in cases}
     for index in range(rounds + 1):
@@ -108,7 +112,7 @@ def collate_milliseconds(cross: CrossTokenizerDataModule, batches: int) -> float
 def report(seconds: dict, encoding: dict, collate: float, command: str) -> str:
     baseline = statistics.median(seconds["none"])
     lines = ["# Cross-tokenizer step against the same-tokenizer step (benchmarks/cross_tokenizer_step.py, CPU)", "",
-             f"`{command}` on {cpu_name()}.", "",
+             f"`{command}` on {cpu_description()}.", "",
              "| case | step, s | ratio to `none` | ratio to `none-jsd` |", "|---|---:|---:|---:|"]
     for name, values in seconds.items():
         ratios = [spread([value / base for value, base in zip(values, seconds[reference])], ".2f")
@@ -132,9 +136,10 @@ def main() -> None:
     same_batches = [batch for batch, _ in zip(same.train_dataloader(), range(rounds))]
     cross_batches = [batch for batch, _ in zip(cross.train_dataloader(), range(rounds))]
     match = identity_match(len(tokenizer))
-    cases = {"none": (None, "fkl", same_batches), "none-jsd": (None, "jsd", same_batches),
-             "hybrid": (CrossTokenizer("hybrid", match), "fkl", cross_batches),
-             "gold": (CrossTokenizer("gold", match), "fkl", cross_batches)}
+    cases = {"none": (None, "fkl", same_batches, "fused"), "none-jsd": (None, "jsd", same_batches, "fused"),
+             "hybrid": (CrossTokenizer("hybrid", match), "fkl", cross_batches, "fused"),
+             "hybrid-eager": (CrossTokenizer("hybrid", match), "fkl", cross_batches, "eager"),
+             "gold": (CrossTokenizer("gold", match), "fkl", cross_batches, "fused")}
     seconds = step_seconds(student, teacher, len(tokenizer), cases, args.repeats)
     checked = same.checked_records(str(same.path)).select(range(args.examples))
     raw = [dict(record, record=index) for index, record in enumerate(checked)]

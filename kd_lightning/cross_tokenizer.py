@@ -22,9 +22,13 @@ distance at τ = 1 between the matched outcomes ``p̃ = (p[M_t], p_rest)`` and
 unmatched token" only where a side has unmatched ids). With one tokenizer and the
 identity match it is the same-tokenizer difficulty.
 
-**Cost.** Groups are visited ``chunk_size`` at a time; each chunk's logits are computed
-inside ``torch.utils.checkpoint``, so neither side ever holds more than
-``chunk_size × V`` logits and the backward pass recomputes one chunk at a time.
+**Cost.** Groups are visited ``chunk_size`` at a time, so neither side ever holds more
+than ``chunk_size × V`` logits. With ``loss_impl="fused"`` (the default) and a bias-free
+linear student lm_head, each chunk's gradients come from the forward pass itself, at the
+weights the loss will give each group (``ForeseenGroupLosses``, as ``losses.fused_divergence``
+does for one tokenizer): the teacher's logits and the objective are computed once per step.
+Otherwise (``"eager"``) each chunk runs inside ``torch.utils.checkpoint`` and the backward
+pass computes both sides' logits and the objective again, a chunk at a time.
 
 **Later positions of multi-token groups.** With ``later_positions="none"`` (``hybrid``'s
 and ``uld``'s default) they carry no term. ``gold`` (always), ``uld`` with ``"merge"`` and
@@ -49,8 +53,9 @@ from transformers import PreTrainedTokenizerBase
 from kd_lightning import losses
 from kd_lightning.data.cross_tokenizer import GROUP_KEYS, counted_rows_at, teacher_side
 from kd_lightning.data.datamodule import counted_positions
-from kd_lightning.heads import GlobalMean
-from kd_lightning.losses.fused import cross_entropy_per_token
+from kd_lightning.heads import GlobalMean, LmHeads
+from kd_lightning.losses.base import compute_dtype
+from kd_lightning.losses.fused import accumulate_gradients, cross_entropy_per_token, upstream_scale
 from kd_lightning.losses.group_terms import LaterTokens, MatchedIds, later_token_log_probs
 from kd_lightning.models import last_hidden_state, lm_head
 from kd_lightning.tokens import TokenBatch
@@ -98,12 +103,15 @@ class CrossTokenizer:
         self.later_floor = math.log(losses.gold.GOLD_PROBABILITY_FLOOR) if merges else None
 
     def head(self, student: nn.Module, teacher: nn.Module, batch: dict, divergence: losses.Divergence,
-             ce_weight: float, chunk_size: int) -> CrossTokenizerHead:
-        """The loss head of ``batch`` with this objective at the run's ``divergence``."""
+             ce_weight: float, chunk_size: int, loss_impl: str = "fused") -> CrossTokenizerHead:
+        """The loss head of ``batch`` with this objective at the run's ``divergence``; with
+        ``loss_impl="fused"`` its gradients come from the forward pass where the student's
+        lm_head allows it (see the module docstring)."""
         objective = losses.cross_tokenizer.objective(self.name, divergence, **self.params)
         states = GroupStates.of(student, teacher, batch, self.uses_later_tokens)
+        fused = LmHeads(lm_head(student), None, self.match.student_vocabulary).fused_weights() if loss_impl == "fused" else None
         return CrossTokenizerHead(objective, self.match, states, ce_weight, lm_head(student), lm_head(teacher),
-                                  chunk_size, self.later_floor)
+                                  chunk_size, self.later_floor, None if fused is None else fused["student"])
 
 
 @dataclass
@@ -198,10 +206,11 @@ class CrossTokenizerHead:
 
     def __init__(self, objective: losses.cross_tokenizer.Objective, match: VocabularyMatch, states: GroupStates,
                  ce_weight: float, student_head: nn.Module, teacher_head: nn.Module, chunk_size: int,
-                 later_floor: float | None = None):
+                 later_floor: float | None = None, student_weight: Tensor | None = None):
         self.objective, self.match, self.states, self.later_floor = objective, match, states, later_floor
         self.ce_weight, self.chunk_size = ce_weight, chunk_size
         self.student_head, self.teacher_head = student_head, teacher_head
+        self.student_weight = student_weight  # [V_s, Hs], the lm_head's: gradients in the forward pass
         self.scaled_by_tau_sq = objective.scaled_by_tau_sq
         self.labels, self.units = states.labels, len(states.student)
 
@@ -269,12 +278,43 @@ class CrossTokenizerHead:
         student, teacher = self.states.student[tokens.keep], self.states.teacher[tokens.keep]
         temperature = tokens.temperature[tokens.keep].to(student.dtype)
         later = self.later_tokens(tokens)
+        if self.student_weight is not None and torch.is_grad_enabled():
+            inputs = (student, self.student_weight, temperature, teacher, *later)
+            return ForeseenGroupLosses.apply(self, weights.detach(), *inputs), self.cross_entropy()
         per_group = [
             checkpointed(self.group_losses, student[rows], teacher[rows], temperature[rows], *(field[rows] for field in later))
             for rows in chunks(len(student), self.chunk_size)
         ]
         empty = student.new_zeros(0, dtype=torch.float32)
         return torch.cat(per_group) if per_group else empty, self.cross_entropy()
+
+    def gradient_pass(self, weights: Tensor, student: Tensor, student_weight: Tensor, temperature: Tensor,
+                      teacher: Tensor, *later: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """ℓ of the kept groups and the gradients of ``Σ_g weights_g · ℓ_g`` with respect to
+        their hidden states, the lm_head weight and (where the objective uses later positions)
+        ``L_s``: a chunk's teacher logits once, its student logits ``h Wᵀ`` as the leaf of the
+        objective's autograd, their gradient through the lm_head into accumulators of the
+        weight's compute dtype (float32 for bf16)."""
+        dtype = compute_dtype(student_weight)
+        hidden_grad = torch.zeros_like(student, dtype=dtype)
+        weight_grad = torch.zeros_like(student_weight, dtype=dtype)
+        later_grad = torch.zeros_like(later[0]) if later else None
+        values = []
+        for rows in chunks(len(student), self.chunk_size):
+            with torch.no_grad():
+                teacher_logits = self.teacher_logits(teacher[rows])
+                leaves = [student[rows] @ student_weight.T, *(field[rows] for field in later[:1])]
+            with torch.enable_grad():
+                leaves = [leaf.requires_grad_() for leaf in leaves]
+                later_tokens = LaterTokens(leaves[1], *(field[rows] for field in later[1:])) if later else None
+                chunk_values = self.objective(leaves[0], teacher_logits, self.match, temperature[rows], later_tokens)
+                gradients = torch.autograd.grad((chunk_values * weights[rows].to(chunk_values.dtype)).sum(), leaves)
+            accumulate_gradients(gradients[0], rows, student[rows], student_weight, hidden_grad, weight_grad)
+            if later:
+                later_grad[rows] = gradients[1]
+            values.append(chunk_values.detach())
+        empty = student.new_zeros(0, dtype=torch.float32)
+        return torch.cat(values) if values else empty, [hidden_grad, weight_grad, later_grad]
 
     def cross_entropy(self) -> Tensor:
         """``logsumexp(z) − z[label]`` per counted student token, with gradient only when weighted in."""
@@ -286,3 +326,29 @@ class CrossTokenizerHead:
                 for rows in chunks(len(hidden), self.chunk_size)
             ]
         return torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class ForeseenGroupLosses(torch.autograd.Function):
+    """``CrossTokenizerHead.gradient_pass`` as an autograd function of the kept groups'
+    hidden states, the student's lm_head weight and ``L_s``: its gradients, computed in the
+    forward pass at ``weights``, are scaled in backward when the upstream gradient is
+    proportional to them (what the module's weighted mean gives), else computed again at the upstream."""
+
+    @staticmethod
+    def forward(ctx, head: CrossTokenizerHead, weights: Tensor, student: Tensor, student_weight: Tensor, *rest: Tensor) -> Tensor:
+        values, ctx.gradients = head.gradient_pass(weights, student, student_weight, *rest)
+        ctx.head, ctx.weights, ctx.inputs = head, weights, (student, student_weight, *rest)
+        return values
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor):
+        scale = upstream_scale(ctx.weights.to(upstream.dtype), upstream)
+        if scale is None:  # an upstream gradient the forward pass could not foresee: compute it again
+            _, gradients = ctx.head.gradient_pass(upstream, *ctx.inputs)
+        else:
+            gradients = [None if gradient is None else gradient * scale.to(gradient.dtype) for gradient in ctx.gradients]
+        ctx.gradients = None
+        student, student_weight, _, _, *later = ctx.inputs
+        hidden_grad, weight_grad, later_grad = gradients
+        later_grads = [later_grad, *[None] * (len(later) - 1)] if later else []
+        return None, None, hidden_grad.to(student.dtype), weight_grad.to(student_weight.dtype), None, None, *later_grads

@@ -69,7 +69,9 @@ class DistillationModule(L.LightningModule):
             (``losses.fused_linear_divergence``), never the full logits of either model;
             ``eager``: the logits of the counted tokens, then the divergence. The fused
             path (the cross-entropy of ``ce_weight`` included) needs bias-free linear
-            lm_heads; otherwise the module uses the eager one.
+            lm_heads; otherwise the module uses the eager one. Across tokenizers, ``fused``
+            computes the groups' gradients in the forward pass and ``eager`` recomputes each
+            chunk in the backward pass (``cross_tokenizer.CrossTokenizerHead``).
         chunk_size: tokens per chunk of the fused path: chunk_size × V floats per
             intermediate (256 × 151,936 × 4 B = 156 MB).
         compile_loss: fuse each chunk's passes over the vocabulary with ``torch.compile``
@@ -217,7 +219,7 @@ class DistillationModule(L.LightningModule):
             head = self.loss_head(counted_states(self.student, self.teacher, batch), selective=bool(policies))
         else:  # the groups' head: each side runs on its own tokens
             head = self.cross_tokenizer.head(self.student, self.teacher, batch, self.divergence, self.ce_weight,
-                                             chunk_size=self.chunk_size)
+                                             chunk_size=self.chunk_size, loss_impl=self.loss_impl)
         labels = head.labels
         tokens = TokenBatch(  # one entry per loss unit: a counted token, or an aligned group
             temperature=torch.full((head.units,), self.temperature, device=labels.device),

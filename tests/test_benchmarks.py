@@ -1,9 +1,13 @@
 """The benchmarks' repeat logic: interleaved, rotated rounds and their summaries."""
 
+import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 from loss_bench import interleaved_rounds, summary  # noqa: E402
 
 
@@ -18,3 +22,9 @@ def test_rounds_interleave_cases_in_rotated_order_and_drop_failures():
     assert calls == ["a", "b", "c", "b", "a", "a", "b"]  # c fails once and is not run again
     assert summary("a", rounds["a"]) == {"case": "a", "median": 5, "min": 1, "max": 6, "rounds": 3, "peak_gib": 1.0}
     assert summary("c", rounds["c"]) == {"case": "c", "error": "not installed"}
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_script_imports(script):
+    """A script's imports resolve (its measurement itself is not a test)."""
+    importlib.import_module(script)

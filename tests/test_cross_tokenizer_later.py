@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kd_lightning import DistillationModule, losses
 from kd_lightning.cross_tokenizer import CrossTokenizer, tokenizer_match
 from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
+from kd_lightning.heads import GlobalMean
 from kd_lightning.losses.group_terms import LaterTokens
+from kd_lightning.tokens import TokenBatch
 from test_cross_tokenizer_training import cross_dirs, write_records  # noqa: F401 (cross_dirs is a fixture)
 
 TAU = 1.5
@@ -58,15 +60,16 @@ def reference_loss(name, params, student, teacher, batch, match):
     return scale * objective(student_first, teacher_first, match, TAU, later).mean()
 
 
+@pytest.mark.parametrize("loss_impl", ["fused", "eager"])
 @pytest.mark.parametrize("name, params", CASES)
-def test_later_positions_through_the_head_equal_the_reference(cross_dirs, cross_batch, name, params):
+def test_later_positions_through_the_head_equal_the_reference(cross_dirs, cross_batch, name, params, loss_impl):
     batch, match = cross_batch
     assert (batch["group_student_sizes"] > 1).any() and (batch["group_teacher_sizes"] > 1).any()
     results = []
     for through_head in (True, False):
         teacher, student = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64) for path in cross_dirs)
         if through_head:
-            module = DistillationModule(student, teacher, temperature=TAU, chunk_size=3,
+            module = DistillationModule(student, teacher, temperature=TAU, chunk_size=3, loss_impl=loss_impl,
                                         cross_tokenizer=CrossTokenizer(name, match, params))
             loss = module.distillation_losses(batch, apply_policies=False)["loss"]
         else:
@@ -77,6 +80,29 @@ def test_later_positions_through_the_head_equal_the_reference(cross_dirs, cross_
     torch.testing.assert_close(head_loss, reference, rtol=1e-9, atol=0)
     for got, expected in zip(head_gradients, reference_gradients):
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, params", CASES)
+def test_an_upstream_gradient_the_forward_pass_did_not_foresee_is_computed_again(cross_dirs, cross_batch, name, params):
+    """The fused head computes its gradients in the forward pass at the loss's weights; an
+    upstream gradient not proportional to them (here random per group, some groups dropped)
+    gets the eager head's gradients all the same."""
+    batch, match = cross_batch
+    gradients = []
+    for loss_impl in ("fused", "eager"):
+        teacher, student = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64) for path in cross_dirs)
+        head = CrossTokenizer(name, match, params).head(student, teacher, batch, losses.get("fkl"), 0.0, chunk_size=3,
+                                                         loss_impl=loss_impl)
+        assert (head.student_weight is not None) == (loss_impl == "fused")
+        keep = torch.arange(head.units) % 4 != 1
+        tokens = TokenBatch(torch.full((head.units,), TAU), keep, 0, head.difficulty)
+        weights = tokens.loss_weights(True)
+        per_group, _ = head.kept_losses(tokens, weights, GlobalMean(1, keep.sum(), torch.tensor(1)))
+        upstream = torch.rand(len(per_group), generator=torch.Generator().manual_seed(0), dtype=per_group.dtype)
+        (per_group * upstream).sum().backward()
+        gradients.append([parameter.grad for parameter in student.parameters()])
+    for fused, eager in zip(*gradients):
+        torch.testing.assert_close(fused, eager, rtol=1e-7, atol=1e-12)
 
 
 def test_the_merge_changes_the_loss(cross_dirs, cross_batch):

@@ -196,6 +196,15 @@ def token_statistics(
     return difficulty, cross_entropy
 
 
+def upstream_scale(foreseen: Tensor, received: Tensor) -> Tensor | None:
+    """The constant c with ``received = c · foreseen`` (to a relative 1e-6), or ``None`` when
+    the upstream gradient ``received`` is not proportional to the ``foreseen`` weights: then
+    gradients computed in a forward pass at those weights are ``c`` times the right ones."""
+    weighted = foreseen != 0
+    scale = received[weighted][:1] / foreseen[weighted][:1] if weighted.any() else received.new_zeros(1)
+    return scale if torch.allclose(received, scale * foreseen, rtol=1e-6, atol=0) else None
+
+
 class _FusedDivergence(torch.autograd.Function):
     """Gradients are computed in the forward pass for upstream gradients proportional to
     ``(weights, ce_weights)`` (what a weighted mean of D and cross-entropy gives) and
@@ -225,11 +234,9 @@ class _FusedDivergence(torch.autograd.Function):
         weights, ce_weights, (_, student_hidden, student_weight, *_) = ctx.weights, ctx.ce_weights, ctx.inputs
         if ce_weights is None:  # the cross-entropy is then not differentiable: no upstream to match
             ce_weights = cross_entropy_upstream = torch.zeros_like(weights)
-        foreseen, received = torch.cat([weights, ce_weights]), torch.cat([upstream, cross_entropy_upstream])
         visited = (weights != 0) | (ce_weights != 0)
-        weighted = foreseen != 0
-        scale = received[weighted][:1] / foreseen[weighted][:1] if weighted.any() else received.new_zeros(1)
-        if torch.allclose(received, scale * foreseen, rtol=1e-6, atol=0):
+        scale = upstream_scale(torch.cat([weights, ce_weights]), torch.cat([upstream, cross_entropy_upstream]))
+        if scale is not None:
             hidden_grad, weight_grad = ctx.hidden_grad * scale, ctx.weight_grad * scale
         else:  # upstream gradients the forward pass could not foresee: recompute
             exact_weights, exact_ce_weights = (
