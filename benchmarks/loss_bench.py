@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -192,7 +191,7 @@ def table(summaries: list[dict], args) -> str:
         "",
         f"T = {args.tokens} tokens, student hidden {args.student_hidden}, teacher hidden {args.teacher_hidden}, "
         f"V = {args.vocab:,}, {args.dtype}, τ = {args.temperature}, fused chunk size {args.chunk_size}; "
-        f"{device_name(args)}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{device_name(args)}, torch {torch.__version__}. "
         f"{args.repeats} interleaved rounds; in each, every case runs in a fresh process: {args.warmup} untimed "
         f"call{'s' if args.warmup != 1 else ''}, then one timed forward + backward.",
         "",
@@ -227,10 +226,14 @@ def table(summaries: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def device_name(args) -> str:
+def device_name(args, threads: int | None = None) -> str:
+    """The GPU's name, or the CPU's model, the ``threads`` its cases ran on (default: torch's)
+    and whether it has native bf16."""
     if args.device == "cuda":
         return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine()
+    from kd_lightning.precision import cpu_description
+
+    return cpu_description(threads)
 
 
 def in_fresh_process(script: str, case: str, options: list[str]) -> dict:

@@ -370,7 +370,7 @@ def table(summaries: list[dict], args, shape: str, counted: int) -> str:
         f"# Training step benchmark ({args.device})",
         "",
         f"SmolLM2-135M-Instruct teacher → layer-copy student (`model=smollm2`), batch {shape} tokens, {counted} counted (response) tokens, forward KL at τ = 1, "
-        f"AdamW; {device_name(args)}, torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads. "
+        f"AdamW; {device_name(args, args.threads)}, torch {torch.__version__}. "
         f"{args.steps} interleaved rounds; in each, every case runs in a fresh process: {args.warmup} untimed "
         f"step{'s' if args.warmup != 1 else ''}, then one timed step (forward, backward, optimizer step).",
         "",

@@ -26,13 +26,13 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: True)() for probe in probes)
 
 
-def cpu_description() -> str:
+def cpu_description(threads: int | None = None) -> str:
     """This CPU for a measurement's record: its model name (from /proc/cpuinfo where there
-    is one), the threads torch uses, and whether it has native bf16."""
+    is one), the threads the measurement used (default: those torch uses), and whether it has native bf16."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     return (f"{model or platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}, "
             f"{'native' if cpu_has_bf16() else 'no native'} bf16")
 
