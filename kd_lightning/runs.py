@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import PreTrainedTokenizerBase
 
 from kd_lightning.models import add_lora, build_student, frozen
 from kd_lightning.safe_checkpoints import check_checkpoint, load_checkpoint
@@ -93,7 +94,7 @@ def load_run(path: Path, role: str = "student", trust_checkpoint: bool = False) 
         return frozen(teacher_factory())
 
     if role == "teacher":
-        return instantiate(cfg.model.tokenizer), teacher(), cfg
+        return run_tokenizer(cfg, role), teacher(), cfg
     student = build_student(instantiate(cfg.model.student), teacher)
     lora = cfg.module.get("lora")
     if lora is not None and lora.r > 0:
@@ -101,7 +102,19 @@ def load_run(path: Path, role: str = "student", trust_checkpoint: bool = False) 
     if role == "student":
         checkpoint = path if path != run_directory(path) else path / "checkpoints" / "last.ckpt"
         load_trained_weights(student, checkpoint_state(checkpoint, trust_checkpoint))
-    return instantiate(cfg.model.tokenizer), student, cfg
+    return run_tokenizer(cfg, role), student, cfg
+
+
+def run_tokenizer(cfg: DictConfig, role: str) -> PreTrainedTokenizerBase:
+    """The tokenizer the ``role`` model of a run reads: the data's (``model.tokenizer``), or
+    in a run across tokenizers (``cross_tokenizer`` other than ``none``) that model's own
+    (``model.teacher_tokenizer`` or ``model.student_tokenizer``) where it ships one, as
+    kd-train chose them."""
+    if cfg.get("cross_tokenizer", {}).get("name", "none") != "none":
+        own = instantiate(cfg.model.get("teacher_tokenizer" if role == "teacher" else "student_tokenizer"))
+        if own is not None:
+            return own
+    return instantiate(cfg.model.tokenizer)
 
 
 def load_trained_weights(student: nn.Module, state_dict: dict) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -15,6 +16,7 @@ from kd_lightning.alignment import AlignmentError
 from kd_lightning.cross_tokenizer import CrossTokenizer, identity_match, tokenizer_match
 from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
 from kd_lightning.models import tiny_causal_lm
+from kd_lightning.runs import load_run, run_tokenizer
 from kd_lightning.train import fit
 from real_tokenizers import gpt2_tokenizer, sentencepiece_tokenizer
 from test_train import compose_config
@@ -191,6 +193,20 @@ def test_a_gguf_teacher_with_its_own_tokenizer(cross_dirs, tmp_path):
     trainer = fit(compose_config(tmp_path / "run", *overrides))
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.datamodule.teacher_tokenizer.chat_template
+
+
+def test_a_run_reads_back_with_each_sides_own_tokenizer(cross_dirs, tmp_path):
+    """What kd-eval and kd-export load from a run across tokenizers: the student with the
+    tokenizer it trained on, the teacher with its own; not the data's default
+    (``model.tokenizer``, the teacher's), which would score the student through another vocabulary."""
+    cfg = compose_config(tmp_path / "run", *cross_overrides(cross_dirs, tmp_path, "gold", "trainer.max_steps=1"))
+    trainer = fit(cfg)
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save({key: value for key, value in cfg.items() if key != "hydra"}, tmp_path / "run" / ".hydra" / "config.yaml")
+    tokenizer, student, cfg = load_run(tmp_path / "run")
+    assert tokenizer.get_vocab() == trainer.datamodule.tokenizer.get_vocab() != trainer.datamodule.teacher_tokenizer.get_vocab()
+    assert student.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert run_tokenizer(cfg, "teacher").get_vocab() == trainer.datamodule.teacher_tokenizer.get_vocab()
 
 
 def test_chunks_and_token_policies_act_on_groups(cross_dirs, tmp_path):
