@@ -108,8 +108,8 @@ def load_run(path: Path, role: str = "student", trust_checkpoint: bool = False) 
 def run_tokenizer(cfg: DictConfig, role: str) -> PreTrainedTokenizerBase:
     """The tokenizer the ``role`` model of a run reads: the data's (``model.tokenizer``), or
     in a run across tokenizers (``cross_tokenizer`` other than ``none``) that model's own
-    (``model.teacher_tokenizer`` or ``model.student_tokenizer``) where it ships one, as
-    kd-train chose them."""
+    (``model.teacher_tokenizer`` or ``model.student_tokenizer``) where it ships one: what
+    kd-train trains with and kd-eval and kd-export read a run back with."""
     if cfg.get("cross_tokenizer", {}).get("name", "none") != "none":
         own = instantiate(cfg.model.get("teacher_tokenizer" if role == "teacher" else "student_tokenizer"))
         if own is not None:

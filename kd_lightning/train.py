@@ -29,6 +29,7 @@ from kd_lightning.cross_tokenizer import CrossTokenizer, check_cross_tokenizer_c
 from kd_lightning.data.cross_tokenizer import CrossTokenizerDataModule
 from kd_lightning.models import build_student, check_same_tokenizer, copies_teacher
 from kd_lightning.precision import Float32MatmulsForBf16, cpu_has_bf16
+from kd_lightning.runs import run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,20 @@ def tokenizers_and_data(cfg: DictConfig) -> tuple[PreTrainedTokenizerBase, L.Lig
     ``cross_tokenizer=none``, where the models' own tokenizers, where they ship one, must
     equal the data's). With ``cross_tokenizer=uld|gold|hybrid`` the student's tokenizer
     tokenises the data, the teacher's its own side (``CrossTokenizerDataModule``), and each
-    defaults to the data's tokenizer (``model.tokenizer``) where its model ships none."""
-    teacher_tokenizer = instantiate(cfg.model.get("teacher_tokenizer"))
-    student_tokenizer = instantiate(cfg.model.get("student_tokenizer"))
+    defaults to the data's tokenizer (``model.tokenizer``) where its model ships none
+    (``runs.run_tokenizer``, which kd-eval and kd-export read a run back with)."""
     settings = OmegaConf.to_container(cfg.cross_tokenizer, resolve=True)
     name = settings.pop("name")
     if name != "none":
-        if teacher_tokenizer is None or student_tokenizer is None:
-            tokenizer = instantiate(cfg.model.tokenizer)
-            teacher_tokenizer, student_tokenizer = teacher_tokenizer or tokenizer, student_tokenizer or tokenizer
+        teacher_tokenizer, student_tokenizer = run_tokenizer(cfg, "teacher"), run_tokenizer(cfg, "student")
         cross_tokenizer = CrossTokenizer(name, tokenizer_match(teacher_tokenizer, student_tokenizer), settings)
         datamodule = instantiate(
             cfg.data, _target_=CrossTokenizerDataModule, tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer
         )
         return student_tokenizer, datamodule, cross_tokenizer
     tokenizer = instantiate(cfg.model.tokenizer)
+    teacher_tokenizer = instantiate(cfg.model.get("teacher_tokenizer"))
+    student_tokenizer = instantiate(cfg.model.get("student_tokenizer"))
     try:
         if teacher_tokenizer is not None:
             check_same_tokenizer(tokenizer, teacher_tokenizer)

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -19,7 +18,7 @@ from kd_lightning.models import tiny_causal_lm
 from kd_lightning.runs import load_run, run_tokenizer
 from kd_lightning.train import fit
 from real_tokenizers import gpt2_tokenizer, sentencepiece_tokenizer
-from test_train import compose_config
+from test_train import compose_config, save_run_config
 from test_vocabulary import tiny_sentencepiece
 
 SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "data.val_size=2"]
@@ -201,8 +200,7 @@ def test_a_run_reads_back_with_each_sides_own_tokenizer(cross_dirs, tmp_path):
     (``model.tokenizer``, the teacher's), which would score the student through another vocabulary."""
     cfg = compose_config(tmp_path / "run", *cross_overrides(cross_dirs, tmp_path, "gold", "trainer.max_steps=1"))
     trainer = fit(cfg)
-    (tmp_path / "run" / ".hydra").mkdir()
-    OmegaConf.save({key: value for key, value in cfg.items() if key != "hydra"}, tmp_path / "run" / ".hydra" / "config.yaml")
+    save_run_config(cfg, tmp_path / "run")
     tokenizer, student, cfg = load_run(tmp_path / "run")
     assert tokenizer.get_vocab() == trainer.datamodule.tokenizer.get_vocab() != trainer.datamodule.teacher_tokenizer.get_vocab()
     assert student.get_input_embeddings().num_embeddings == len(tokenizer)

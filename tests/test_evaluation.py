@@ -6,7 +6,7 @@ import pytest
 
 from kd_lightning.evaluation import eval_records, main, rouge_l
 from kd_lightning.train import fit
-from test_train import TINY, compose_config
+from test_train import TINY, compose_config, save_run_config
 
 
 def test_rouge_l_of_known_pairs():
@@ -23,14 +23,11 @@ def test_shipped_evaluation_sets():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from omegaconf import OmegaConf
-
     out = tmp_path_factory.mktemp("run")
     cfg = compose_config(out, *TINY, "callbacks=rouge", "callbacks.rouge_evaluation.every_n_steps=2",
                          "callbacks.rouge_evaluation.num_examples=2", "callbacks.rouge_evaluation.max_new_tokens=4")
     fit(cfg)
-    (out / ".hydra").mkdir()
-    OmegaConf.save({key: value for key, value in cfg.items() if key != "hydra"}, out / ".hydra" / "config.yaml")  # as kd-train does
+    save_run_config(cfg, out)
     return out
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from kd_lightning import losses
 from kd_lightning.precision import Float32MatmulsForBf16
@@ -36,6 +36,13 @@ def compose_config(output_dir, *overrides):
         cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def save_run_config(cfg, run_dir):
+    """``run_dir/.hydra/config.yaml`` as kd-train writes it (without the ``hydra`` node), for
+    what reads a run back (kd-eval, kd-export, ``runs.load_run``)."""
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save({key: value for key, value in cfg.items() if key != "hydra"}, run_dir / ".hydra" / "config.yaml")
 
 
 def kd_train(*args, cwd):
